@@ -1,0 +1,226 @@
+"""Config loading and validation on top of torchtune's config system.
+
+torchtune gives the YAML + override semantics (``a.b=v``, ``~key``, ``node=dotted.Component``) and
+``config.instantiate``; this module adds what it lacks: one function that loads a config with overrides
+outside a recipe (for ``tune validate`` and the launcher's pre-flight check), a recursive component check
+(torchtune's ``validate`` only looks at top-level nodes), and the contract keys of design.md §6.
+
+Every problem is reported as :class:`ConfigError` with a one-line message, so the command line can
+print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException as OmegaConfBaseError
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded, merged or instantiated; the message is one line."""
+
+
+# design.md §6: keys users and tooling rely on. Value: accepted Python types after resolution.
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_BOOL = (bool,)
+_NODE = (dict,)
+CONTRACT_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
+    # key: (types, may be null)
+    "output_dir": (_STR, False),
+    "seed": (_INT, False),
+    "device": (_STR, False),
+    "dtype": (_STR, False),
+    "tokenizer.path": (_STR, False),
+    "checkpointer.checkpoint_dir": (_STR, True),
+    "dataset.path": (_STR, False),
+    "seq_len": (_INT, False),
+    "batch_size": (_INT, False),
+    "gradient_accumulation_steps": (_INT, False),
+    "max_steps": (_INT, True),
+    "epochs": (_INT, False),
+    "optimizer.lr": (_NUM, False),
+    "lr_scheduler": (_NODE, False),
+    "compile": (_BOOL, False),
+    "cuda_graphs": (_BOOL, False),
+    "resume_from_checkpoint": (_BOOL, False),
+    "log_every_n_steps": (_INT, False),
+    "save_every_n_steps": (_INT, False),
+    "metric_logger": (_NODE, False),
+}
+POSITIVE_INT_KEYS = (
+    "seq_len",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "epochs",
+    "log_every_n_steps",
+    "save_every_n_steps",
+)
+DTYPES = ("fp32", "bf16")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Load a YAML config and apply command-line overrides with torchtune's semantics.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key=value``, ``~key`` (remove) and ``node=dotted.Component`` strings.
+
+    Raises:
+        ConfigError: missing/unreadable file, invalid YAML, a malformed or impossible override.
+    """
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        yaml_conf = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError, OmegaConf errors: report the first line only
+        raise ConfigError(f"cannot read config {path}: {_first_line(exc)}") from None
+    if not isinstance(yaml_conf, DictConfig):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    for arg in overrides:
+        if arg.startswith("--"):
+            raise ConfigError(f"unknown flag {arg!r}: overrides are key=value, ~key or node=dotted.Component")
+        if not arg.startswith("~") and "=" not in arg:
+            raise ConfigError(f"override {arg!r} must look like key=value (or ~key to remove a key)")
+    try:
+        return _merge_yaml_and_cli_args(
+            Namespace(**OmegaConf.to_container(yaml_conf, resolve=False)), list(overrides)
+        )
+    except (ValueError, OmegaConfBaseError) as exc:
+        raise ConfigError(f"bad override: {_first_line(exc)}") from None
+
+
+def validate_config(cfg: DictConfig, *, contract: bool = True) -> None:
+    """Check that every ``_component_`` node (at any depth) imports and accepts its keyword arguments,
+    that primitive values match the annotated parameter types, and (``contract=True``) that the
+    contract keys of design.md §6 are present with the right types.
+
+    Components are not instantiated: nothing heavy runs. Arguments the recipe passes positionally
+    (e.g. the model's parameters to the optimizer) may be missing from the YAML.
+
+    Raises:
+        ConfigError: naming every problem, joined on one line by ``; ``.
+    """
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseError as exc:
+        raise ConfigError(f"cannot resolve config: {_first_line(exc)}") from None
+    errors: list[str] = []
+    _check_components(resolved, "", errors)
+    if contract:
+        errors.extend(_check_contract(resolved))
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def _check_components(node: Any, where: str, errors: list[str]) -> None:
+    from torchtune.config._utils import _get_component_from_path
+
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_components(item, f"{where}[{i}]", errors)
+        return
+    if not isinstance(node, dict):
+        return
+    label = where or "<root>"
+    if "_component_" in node:
+        path = node["_component_"]
+        try:
+            component = _get_component_from_path(path)
+        except Exception:
+            errors.append(f"{label}: unknown component path {path!r}")
+            component = None
+        if component is not None:
+            kwargs = {k: v for k, v in node.items() if k != "_component_"}
+            errors.extend(_check_signature(component, kwargs, label, path))
+    for key, value in node.items():
+        if key != "_component_":
+            _check_components(value, f"{where}.{key}" if where else key, errors)
+
+
+def _check_signature(component: Any, kwargs: dict[str, Any], label: str, path: str) -> list[str]:
+    try:
+        signature = inspect.signature(component)
+    except (TypeError, ValueError):
+        return []  # builtins without a signature: nothing to check
+    try:
+        signature.bind_partial(**kwargs)
+    except TypeError as exc:
+        return [f"{label}: {path} {exc}"]
+    try:
+        hints = typing.get_type_hints(component.__init__ if inspect.isclass(component) else component)
+    except Exception:
+        hints = {}
+    errors = []
+    for name, value in kwargs.items():
+        expected = _primitive_types(hints.get(name))
+        if expected is None or value is None and type(None) in expected:
+            continue
+        if isinstance(value, bool) and bool not in expected:
+            ok = False
+        else:
+            ok = isinstance(value, expected) or (float in expected and isinstance(value, int))
+        if not ok:
+            names = "/".join(t.__name__ for t in expected if t is not type(None))
+            errors.append(f"{label}.{name}: expected {names}, got {type(value).__name__} {value!r}")
+    return errors
+
+
+def _primitive_types(annotation: Any) -> tuple[type, ...] | None:
+    """The accepted primitive types of an annotation, or None when it is not a plain primitive one."""
+    if annotation in (int, float, str, bool):
+        return (annotation,)
+    args = typing.get_args(annotation)
+    if (
+        typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+        and args
+    ):
+        if all(a in (int, float, str, bool, type(None)) for a in args):
+            return tuple(args)
+    return None
+
+
+def _check_contract(resolved: dict[str, Any]) -> list[str]:
+    errors = []
+    for key, (types, nullable) in CONTRACT_KEYS.items():
+        found, value = _get_dotted(resolved, key)
+        if not found:
+            errors.append(f"missing required key {key!r}")
+            continue
+        if value is None:
+            if not nullable:
+                errors.append(f"{key} must not be null")
+            continue
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            names = "/".join(t.__name__ for t in types)
+            errors.append(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+    for key in POSITIVE_INT_KEYS:
+        value = resolved.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            errors.append(f"{key} must be positive, got {value}")
+    if resolved.get("dtype") is not None and resolved.get("dtype") not in DTYPES:
+        errors.append(f"dtype must be one of {DTYPES}, got {resolved.get('dtype')!r}")
+    return errors
+
+
+def _get_dotted(tree: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
