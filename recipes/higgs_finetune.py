@@ -42,6 +42,14 @@ from higgs_tune.models.higgs_audio.lora import (
     set_trainable,
 )
 from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
+from higgs_tune.training.checkpointing import (
+    TrainingState,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from higgs_tune.training.distributed import cleanup_distributed, init_distributed, resolve_device
 from higgs_tune.training.step import TrainStep, move_batch
 
@@ -62,6 +70,8 @@ class HiggsFinetuneRecipe:
         self.dtype = DTYPES[cfg.dtype]
         self.output_dir = Path(cfg.output_dir)
         self.step = 0
+        self.epoch = 0
+        self.alignment_checked = False
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -130,6 +140,8 @@ class HiggsFinetuneRecipe:
             audio_eos_token_id=self.tokenizer.special.audio_eos,
             codebook_size=audio_layout.codebook_size,
         )
+        if cfg.resume_from_checkpoint:
+            self.resume()
         num_params = sum(p.numel() for p in self.model.parameters())
         self._log(
             f"model: {num_params:,} parameters ({sum(p.numel() for p in trainable):,} trainable); "
@@ -161,42 +173,43 @@ class HiggsFinetuneRecipe:
     def train(self) -> None:
         cfg = self.cfg
         grad_accum = cfg.gradient_accumulation_steps
-        progress = tqdm(total=self.total_steps, disable=not self.dist.is_main, dynamic_ncols=True)
+        progress = tqdm(
+            total=self.total_steps, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True
+        )
         micro_batches: list[dict[str, torch.Tensor]] = []
-        data_time = step_time = 0.0
-        tokens_since_log = 0
+        tokens_since_log, data_time = 0, 0.0
         window_start = time.perf_counter()
-        epoch = 0
         while self.step < self.total_steps:
-            self.loader.sampler.set_epoch(epoch)
+            self.loader.sampler.set_epoch(self.epoch)
             fetch_start = time.perf_counter()
             for batch in self.loader:
                 data_time += time.perf_counter() - fetch_start
-                if self.step == 0 and not micro_batches:
+                if not self.alignment_checked:
                     check_batch_alignment(batch, self.alignment_layout)  # the single-shift invariants
+                    self.alignment_checked = True
+                tokens_since_log += int(batch["num_tokens"].sum())  # counted on the CPU: no device sync
                 micro_batches.append(move_batch(batch, self.device))
-                if len(micro_batches) < grad_accum:
-                    fetch_start = time.perf_counter()
-                    continue
-                start = time.perf_counter()
-                metrics = self.train_step(micro_batches)
-                micro_batches = []
-                self.step += 1
-                step_time += time.perf_counter() - start
-                tokens_since_log += int(metrics["num_tokens"])
-                if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = self._log_metrics(metrics, tokens_since_log, elapsed, data_time)
-                    progress.set_postfix(
-                        loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}"
-                    )
-                    tokens_since_log, data_time, step_time = 0, 0.0, 0.0
-                    window_start = time.perf_counter()
-                progress.update(1)
-                if self.step >= self.total_steps:
-                    break
+                if len(micro_batches) == grad_accum:
+                    metrics = self.train_step(micro_batches)
+                    micro_batches = []
+                    self.step += 1
+                    progress.update(1)
+                    if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        record = self._log_metrics(metrics, tokens_since_log, elapsed, data_time)
+                        progress.set_postfix(
+                            loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}"
+                        )
+                        tokens_since_log, data_time = 0, 0.0
+                        window_start = time.perf_counter()
+                    if self.step % cfg.save_every_n_steps == 0 or self.step == self.total_steps:
+                        self.save_checkpoint()
+                    if self.step >= self.total_steps:
+                        break
                 fetch_start = time.perf_counter()
-            epoch += 1
+            else:
+                self.epoch += 1  # the epoch ran to its end
+                micro_batches = []  # an incomplete accumulation group does not cross epochs
         progress.close()
 
     def _log_metrics(
@@ -236,7 +249,54 @@ class HiggsFinetuneRecipe:
         )
         return record
 
-    # ------------------------------------------------------------------ save / cleanup
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        """Model, optimizer, LR schedule, every rank's loader position and RNG, step and epoch, written
+        atomically by rank 0 under ``<output_dir>/checkpoints/step_<N>``."""
+        per_rank = {"data_loader": self.loader.state_dict(), "rng": rng_state()}
+        if self.dist.is_distributed:
+            gathered = [None] * self.dist.world_size if self.dist.is_main else None
+            dist.gather_object(per_rank, gathered, dst=0)
+        else:
+            gathered = [per_rank]
+        if self.dist.is_main:
+            state = TrainingState(
+                step=self.step,
+                epoch=self.epoch,
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                lr_scheduler=self.lr_scheduler.state_dict(),
+                data_loader=[g["data_loader"] for g in gathered],
+                rng=[g["rng"] for g in gathered],
+            )
+            path = save_checkpoint(
+                self.output_dir / "checkpoints", state, keep_last=self.cfg.get("keep_last_n_checkpoints", 2)
+            )
+            self._log(f"saved checkpoint {path}")
+        if self.dist.is_distributed:
+            dist.barrier()
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint under ``<output_dir>/checkpoints``."""
+        path = latest_checkpoint(self.output_dir / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=true but there is no checkpoint under {self.output_dir / 'checkpoints'}"
+            )
+        state = load_checkpoint(path)
+        if len(state.data_loader) != self.dist.world_size:
+            raise ValueError(
+                f"{path} was written by {len(state.data_loader)} process(es); this run has {self.dist.world_size}"
+            )
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        self.loader.load_state_dict(state.data_loader[self.dist.rank])
+        set_rng_state(state.rng[self.dist.rank])
+        self.step, self.epoch = state.step, state.epoch
+        self._log(f"resumed from {path} at step {self.step}, epoch {self.epoch}")
+
+    # ------------------------------------------------------------------ export / cleanup
     def save_export(self) -> None:
         """Write ``<output_dir>/hf`` in Boson's layout, with the tokenizer files."""
         if not self.dist.is_main:

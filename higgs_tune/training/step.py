@@ -56,9 +56,27 @@ def move_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
     return {name: value.to(device, non_blocking=non_blocking) for name, value in batch.items()}
 
 
+# Smallest LR handed to a compiled or captured AdamW step (see :func:`clamp_tensor_lr`).
+MIN_TENSOR_LR = 1e-30
+
+
 def lr_is_tensor(optimizer: torch.optim.Optimizer) -> bool:
     """True when every param group holds its learning rate in a tensor (compiled/captured optimizer)."""
     return all(torch.is_tensor(group["lr"]) for group in optimizer.param_groups)
+
+
+@torch.no_grad()
+def clamp_tensor_lr(optimizer: torch.optim.Optimizer) -> None:
+    """Raise tensor LRs of exactly 0 to :data:`MIN_TENSOR_LR`, in place.
+
+    AdamW's capturable formula (the one ``torch.compile`` and CUDA-graph capture use) divides by the
+    step size ``lr / (1 - beta1^t)``: an LR of 0, which warm-up schedules produce at step 0, turns every
+    parameter into NaN. An LR of 1e-30 makes an update 1e-30 times a normal one (numerically none) and
+    keeps the formula finite (fp32 and bf16 share the exponent range; fp16 does not and is not supported).
+    """
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].clamp_(min=MIN_TENSOR_LR)
 
 
 class TrainStep:
@@ -188,6 +206,7 @@ class CompiledTrainStep(TrainStep):
     def clip_and_update(self) -> torch.Tensor:
         if self._compiled_clip_and_update is None:
             return super().clip_and_update()
+        clamp_tensor_lr(self.optimizer)
         return self._compiled_clip_and_update()
 
 
@@ -390,6 +409,7 @@ class CudaGraphTrainStep(TrainStep):
             for _ in range(self.warmup_iterations):
                 self._forward_backward_static()
             if self.capture_optimizer:
+                clamp_tensor_lr(self.optimizer)
                 self._clip_and_update_static()  # creates the optimizer state (lazily) outside capture
         torch.cuda.current_stream().wait_stream(side_stream)
         self._undo_warm_up(params_before)
@@ -437,6 +457,7 @@ class CudaGraphTrainStep(TrainStep):
         if self._optimizer_graph is None:
             return super().clip_and_update()
         assert self._static_grad_norm is not None
+        clamp_tensor_lr(self.optimizer)
         self._optimizer_graph.replay()
         return self._static_grad_norm.clone()
 

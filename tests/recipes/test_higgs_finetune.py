@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,9 +46,9 @@ def synthetic(tmp_path_factory) -> Path:
     return out
 
 
-def run_recipe(output_dir: Path, synthetic: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def recipe_command(output_dir: Path, synthetic: Path, *extra: str, nproc: int = 1) -> list[str]:
     launcher = ["run"] if nproc == 1 else ["run", "--nproc_per_node", str(nproc)]
-    args = [
+    return [
         TUNE,
         *launcher,
         "recipes/higgs_finetune",
@@ -63,14 +65,25 @@ def run_recipe(output_dir: Path, synthetic: Path, *extra: str, nproc: int = 1) -
         "log_every_n_steps=1",
         *extra,
     ]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+
+
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def run_recipe(output_dir: Path, synthetic: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    args = recipe_command(output_dir, synthetic, *extra, nproc=nproc)
+    result = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(output_dir: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
+    return {record["step"]: record["loss"] for record in read_metrics(output_dir)}
 
 
 def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, synthetic: Path):
@@ -120,3 +133,34 @@ def test_two_processes_give_the_single_process_losses(tmp_path: Path, synthetic:
     assert len(losses_single) == len(losses_double) == 4
     # fp32, different summation order across ranks: equal to ~1e-6 relative; 1e-4 leaves headroom.
     assert losses_double == pytest.approx(losses_single, rel=1e-4)
+
+
+def test_sigkill_and_resume_continues_the_loss_curve_exactly(tmp_path: Path, synthetic: Path):
+    """Kill -9 after the step-4 checkpoint; resume; per-step losses equal an uninterrupted run's (CPU eager:
+    identical values, compared exactly)."""
+    common = ("max_steps=16", "batch_size=2", "save_every_n_steps=4", "keep_last_n_checkpoints=2")
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_recipe(reference, synthetic, *common)
+
+    process = subprocess.Popen(
+        recipe_command(killed, synthetic, *common),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    while not (killed / "checkpoints" / "step_00000004").is_dir():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    logged_before_kill = max(losses_by_step(killed))
+    assert logged_before_kill < 16, "the kill came too late to test anything"
+
+    run_recipe(killed, synthetic, *common, "resume_from_checkpoint=true")
+    expected, resumed = losses_by_step(reference), losses_by_step(killed)
+    assert sorted(resumed) == list(range(1, 17))
+    assert resumed == expected  # exact

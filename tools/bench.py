@@ -1,0 +1,429 @@
+"""Benchmark our training step against the reference step public trainers run, on the same batches.
+
+    python tools/bench.py --small                       # CI smoke run (< 1 minute, numbers not meaningful)
+    python tools/bench.py --config cpu3b                # CPU, proportioned like the 3B model
+    python tools/bench.py --config 3b --device cuda     # the released 3B architecture on a GPU
+
+Both sides train the SAME architecture (one HF ``config.json`` dict builds both models) on the SAME
+samples, step for step:
+
+* ours: the packed static batch (``higgs_tune.data``), :class:`higgs_tune.models.higgs_audio.model.
+  HiggsAudioModel`, the aligned loss, AdamW, in the step mode ``--mode`` (``compile`` by default);
+* reference: Boson's ``HiggsAudioModel`` forward (eager, SDPA attention) on Boson's collated inputs of
+  the very samples packed into our step's rows (``prepare_chatml_sample`` + ``HiggsAudioSampleCollator``,
+  padded to the longest sample), Boson's reference loss (``higgs_tune.loss.reference.reference_loss``,
+  spec §6.4) on its outputs, ``torch.optim.AdamW``.
+
+Reported per side: tokens/s (non-padding positions of the step / median step time), the median step
+time over ``--steps`` steps after ``--warmup`` steps, peak memory, and on CUDA the MFU (PaLM: 6·N·tokens
+plus attention 12·layers·hidden·seq_len·tokens, N = matmul parameters one token uses: attention, ONE of
+the two FFNs, the text and audio heads). Peak memory: on CPU each side runs in its own subprocess and
+reads ``getrusage(RUSAGE_SELF).ru_maxrss`` (so one side's allocations never count for the other); on
+CUDA both sides run in one process and read ``torch.cuda.max_memory_allocated`` after a reset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "higgs_tune" / "assets" / "tiny_tokenizer"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Architecture and batch shape of one benchmark configuration."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    seq_len: int
+    batch_size: int
+    text_target_capacity: int
+    audio_target_capacity: int
+    num_samples: int  # synthetic samples generated (enough rows for warm-up + timed steps)
+
+
+CONFIGS = {
+    # CI smoke: tiny everything.
+    "small": BenchConfig(1024, 64, 2, 4, 2, 128, 256, 2, 64, 256, 48),
+    # CPU, proportioned like 3B: the real 128256 vocabulary (the text head dominates naive trainers),
+    # head_dim 128 like 3B... too slow on 2 cores, so head_dim 64; FFN 2.67x hidden like 3B.
+    "cpu3b": BenchConfig(128256, 512, 4, 8, 2, 1376, 1024, 1, 128, 1024, 120),
+    # The released 3B architecture (spec §1.1), one row of 2048 positions per step.
+    "3b": BenchConfig(128256, 3072, 28, 24, 8, 8192, 2048, 1, 256, 2048, 240),
+}
+
+# Peak dense bf16 tensor FLOP/s by device name (for MFU).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def model_args(cfg: BenchConfig):
+    """Our model args for ``cfg``, with the tiny tokenizer's special-token ids (looked up by name)."""
+    from higgs_tune.data.tokenizer import HiggsTokenizer
+    from higgs_tune.models.higgs_audio.builders import tiny_model_args
+
+    special = HiggsTokenizer.from_path(str(TOKENIZER_DIR / "tokenizer.json")).special
+    return tiny_model_args(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        audio_ffn_hidden_size=cfg.hidden_size,
+        audio_ffn_intermediate_size=cfg.intermediate_size,
+        pad_token_id=special.pad,
+        text_eos_token_id=special.pad,
+        audio_in_token_id=special.audio_in,
+        audio_out_token_id=special.audio_out,
+        audio_out_bos_token_id=special.audio_out_bos,
+        audio_eos_token_id=special.audio_eos,
+    )
+
+
+def load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_rows(cfg: BenchConfig, data_dir: Path, args):
+    """Synthetic manifest -> our packed dataset (rows in file order)."""
+    from higgs_tune.data.dataset import build_higgs_dataset
+    from higgs_tune.data.document import AudioLayout
+    from higgs_tune.data.tokenizer import HiggsTokenizer
+
+    manifest = data_dir / "train.jsonl"
+    if not manifest.is_file():
+        load_tool("make_synthetic").make_synthetic(data_dir, num_samples=cfg.num_samples, num_val=1, seed=0)
+    tokenizer = HiggsTokenizer.from_path(str(TOKENIZER_DIR / "tokenizer.json"))
+    layout = AudioLayout.from_model_config(args.to_hf_config())
+    dataset, _, _ = build_higgs_dataset(
+        tokenizer,
+        path=str(manifest),
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        audio_layout=layout,
+        text_target_capacity=cfg.text_target_capacity,
+        audio_target_capacity=cfg.audio_target_capacity,
+    )
+    return dataset, layout
+
+
+def step_rows(dataset, num_steps: int, batch_size: int) -> list[list[int]]:
+    """Row indices of each step (consecutive rows)."""
+    needed = num_steps * batch_size
+    if len(dataset) < needed:
+        raise ValueError(f"the synthetic set packs into {len(dataset)} rows, the benchmark needs {needed}")
+    return [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(num_steps)]
+
+
+def our_batches(dataset, steps: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+    from higgs_tune.data.packer import collate_rows
+
+    return [collate_rows([dataset[r] for r in rows], dataset.spec, dataset.pad_id) for rows in steps]
+
+
+def reference_batches(dataset, steps: list[list[int]], layout) -> list[Any]:
+    """Boson's collated batches of the same samples: every document of the step's rows, one per row of
+    Boson's batch, right-padded to the longest (round_to 8), as Boson's training collator does."""
+    import transformers
+    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
+    from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
+
+    boson_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"))
+    special = dataset.tokenizer.special
+    collator = HiggsAudioSampleCollator(
+        whisper_processor=None,
+        audio_in_token_id=special.audio_in,
+        audio_out_token_id=special.audio_out,
+        pad_token_id=special.pad,
+        audio_stream_bos_id=layout.stream_bos_id,
+        audio_stream_eos_id=layout.stream_eos_id,
+        round_to=8,
+        pad_left=False,
+        encode_whisper_embed=False,
+        return_audio_in_tokens=True,
+        audio_num_codebooks=layout.num_codebooks,
+        use_delay_pattern=layout.use_delay_pattern,
+        mask_audio_out_token_label=True,
+    )
+
+    def boson_sample(entry) -> ChatMLDatasetSample:
+        with open(entry.manifest, "rb") as f:
+            f.seek(entry.byte_offset)
+            sample = json.loads(f.readline())
+        codes = []
+        for message in sample["messages"]:
+            content = message["content"]
+            for item in content if isinstance(content, list) else [content]:
+                if isinstance(item, dict) and item.get("type") == "audio":
+                    codes.append(np.load(entry.manifest.parent / item["audio_codes"]))
+                    item["audio_url"] = item.pop("audio_codes")
+        input_tokens, label_tokens, _, _ = prepare_chatml_sample(sample, boson_tokenizer)
+        if input_tokens is None:
+            raise ValueError(f"{entry.location}: Boson's prepare_chatml_sample rejected the sample")
+        lengths = [c.shape[1] for c in codes]
+        return ChatMLDatasetSample(
+            input_ids=torch.tensor(input_tokens, dtype=torch.long),
+            label_ids=torch.tensor(label_tokens, dtype=torch.long),
+            audio_ids_concat=torch.from_numpy(np.concatenate(codes, axis=1)).long(),
+            audio_ids_start=torch.tensor(np.cumsum([0] + lengths[:-1]), dtype=torch.long),
+            audio_waveforms_concat=torch.tensor([]),
+            audio_waveforms_start=torch.tensor([], dtype=torch.long),
+            audio_sample_rate=torch.tensor([]),
+            audio_speaker_indices=torch.tensor([], dtype=torch.long),
+        )
+
+    return [
+        collator([boson_sample(dataset.entries[i]) for r in rows for i in dataset.rows[r]]) for rows in steps
+    ]
+
+
+# ------------------------------------------------------------------------------------------ the steps
+def make_our_step(args, device: torch.device, dtype: torch.dtype, mode: str):
+    from higgs_tune.loss import AlignedLoss
+    from higgs_tune.models.higgs_audio.builders import build_model
+    from higgs_tune.training.optim import build_optimizer
+    from higgs_tune.training.step import build_train_step
+
+    torch.manual_seed(0)
+    model = build_model(args, device=device, dtype=dtype)
+    optimizer = build_optimizer(
+        model.parameters(),
+        lr=1e-5,
+        implementation="fused" if device.type == "cuda" else None,
+        lr_as_tensor=mode in ("compile", "cudagraph"),
+        capturable=False,
+    )
+    loss_fn = AlignedLoss(text_chunk_size=1024)
+    options = {"compile_optimizer": device.type == "cuda"} if mode == "compile" else {}
+    if mode == "compile" and device.type != "cuda":
+        # On CPU the compiled optimizer gains nothing measurable and compiles for minutes: eager AdamW.
+        options = {"compile_optimizer": False}
+    step = build_train_step(mode, model, loss_fn, optimizer, None, max_grad_norm=1.0, **options)
+
+    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return step([{k: v.to(device, non_blocking=True) for k, v in batch.items()}])["loss"]
+
+    return run
+
+
+def make_reference_step(args, device: torch.device, dtype: torch.dtype):
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
+
+    from higgs_tune.loss.reference import reference_loss
+
+    config = HiggsAudioConfig(**args.to_hf_config())
+    config._attn_implementation = "sdpa"
+    config.text_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = HiggsAudioModel(config).to(device=device, dtype=dtype).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def run(batch) -> torch.Tensor:
+        inputs = dict(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            audio_in_ids=batch.audio_in_ids,
+            audio_in_ids_start=batch.audio_in_ids_start,
+            audio_out_ids=batch.audio_out_ids,
+            audio_out_ids_start=batch.audio_out_ids_start,
+            label_ids=batch.label_ids,
+            label_audio_ids=batch.label_audio_ids,
+        )
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        out = model(**inputs)
+        loss = reference_loss(
+            out.logits,
+            out.expanded_labels,
+            out.audio_logits,
+            inputs["label_audio_ids"],
+            inputs["audio_out_ids_start"],
+        ).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return run
+
+
+def time_side(run, batches, warmup: int, device: torch.device) -> dict[str, Any]:
+    """Run ``warmup`` then timed steps; returns median step time and the losses."""
+    times, losses = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        loss = run(batch)
+        loss_value = float(loss)  # host sync: the step has finished
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        losses.append(loss_value)
+        if i >= warmup:
+            times.append(elapsed)
+    result: dict[str, Any] = {"step_s": statistics.median(times), "losses": losses}
+    if device.type == "cuda":
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def matmul_params_per_token(cfg: BenchConfig) -> int:
+    """N of the PaLM formula: attention + one FFN per layer + text and audio heads (no embeddings)."""
+    head_dim = cfg.hidden_size // cfg.num_heads
+    attention = cfg.hidden_size * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    ffn = 3 * cfg.hidden_size * cfg.intermediate_size
+    heads = cfg.hidden_size * (cfg.vocab_size + 8 * 1026)
+    return cfg.num_layers * (attention + ffn) + heads
+
+
+def model_flops_per_token(cfg: BenchConfig) -> float:
+    return 6 * matmul_params_per_token(cfg) + 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_len
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_side(side: str, cli) -> dict[str, Any]:
+    cfg = CONFIGS[cli.config]
+    device = torch.device(cli.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cli.dtype]
+    args = model_args(cfg)
+    dataset, layout = build_rows(cfg, Path(cli.data_dir), args)
+    steps = step_rows(dataset, cli.warmup + cli.steps, cfg.batch_size)
+    ours = our_batches(dataset, steps)
+    tokens = [int(b["num_tokens"].sum()) for b in ours]
+    if side == "ours":
+        run, batches = make_our_step(args, device, dtype, cli.mode), ours
+    else:
+        run, batches = make_reference_step(args, device, dtype), reference_batches(dataset, steps, layout)
+    result = time_side(run, batches, cli.warmup, device)
+    timed_tokens = statistics.median(tokens[cli.warmup :])
+    result["tokens_per_step"] = timed_tokens
+    result["tokens_per_s"] = timed_tokens / result["step_s"]
+    if device.type != "cuda":
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    else:
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        result["device_name"] = name
+        if peak is not None:
+            result["mfu"] = model_flops_per_token(cfg) * result["tokens_per_s"] / peak
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu3b")
+    parser.add_argument("--small", action="store_true", help="the CI smoke configuration (--config small)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 CPU, bf16 CUDA")
+    parser.add_argument("--mode", choices=["eager", "compile", "cudagraph"], default="compile")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    parser.add_argument("--data-dir", default=None, help="synthetic data (made there if missing)")
+    parser.add_argument("--side", choices=["ours", "reference", "both"], default="both")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    cli = parser.parse_args(argv)
+    if cli.small:
+        cli.config, cli.steps, cli.warmup = "small", 2, 1
+        cli.mode = "eager" if cli.mode == "compile" and cli.device == "cpu" else cli.mode
+    if cli.dtype is None:
+        cli.dtype = "bf16" if cli.device.startswith("cuda") else "fp32"
+    if cli.threads:
+        torch.set_num_threads(cli.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if cli.data_dir is None:
+            cli.data_dir = tmp
+        if cli.side != "both":
+            result = {cli.side: run_side(cli.side, cli)}
+        elif cli.device.startswith("cuda"):
+            result = {side: run_side(side, cli) for side in ("reference", "ours")}
+        else:
+            result = {side: run_in_subprocess(side, cli, argv) for side in ("reference", "ours")}
+    if cli.side == "both":
+        result["ratio"] = {
+            "tokens_per_s": result["ours"]["tokens_per_s"] / result["reference"]["tokens_per_s"],
+            "step_time": result["ours"]["step_s"] / result["reference"]["step_s"],
+        }
+        mem_key = "peak_mem_gib" if cli.device.startswith("cuda") else "peak_rss_gib"
+        result["ratio"]["peak_memory"] = result["ours"][mem_key] / result["reference"][mem_key]
+        result["settings"] = {k: v for k, v in vars(cli).items() if k != "json"} | {
+            "bench_config": asdict(CONFIGS[cli.config]),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+        print(markdown(result))
+    if cli.json:
+        Path(cli.json).write_text(json.dumps(result, indent=2))
+    if cli.side != "both":
+        print(json.dumps(result))
+    return result
+
+
+def run_in_subprocess(side: str, cli, argv: list[str] | None) -> dict[str, Any]:
+    """Run one side in a fresh interpreter (its own peak RSS); returns its result dict."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--config", cli.config,
+               "--device", cli.device, "--dtype", cli.dtype, "--mode", cli.mode, "--steps", str(cli.steps),
+               "--warmup", str(cli.warmup), "--data-dir", cli.data_dir]
+    if cli.threads:
+        command += ["--threads", str(cli.threads)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {side} side failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])[side]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    mem_key = "peak_mem_gib" if "peak_mem_gib" in result["ours"] else "peak_rss_gib"
+    mem_name = "peak CUDA memory (GiB)" if mem_key == "peak_mem_gib" else "peak RSS (GiB)"
+    lines = [
+        f"config `{s['config']}` {s['bench_config']}, device {s['device']}, dtype {s['dtype']}, our mode "
+        f"`{s['mode']}`, median of {s['steps']} steps after {s['warmup']} warm-up, torch {s['torch']}, "
+        f"{s['threads']} threads",
+        "",
+        f"| side | tokens/s | step time (s) | {mem_name} | MFU |",
+        "|---|---|---|---|---|",
+    ]
+    for side in ("reference", "ours"):
+        r = result[side]
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+        lines.append(f"| {side} | {r['tokens_per_s']:.1f} | {r['step_s']:.3f} | {r[mem_key]:.2f} | {mfu} |")
+    ratio = result["ratio"]
+    lines.append(
+        f"| ours / reference | {ratio['tokens_per_s']:.2f}x | {ratio['step_time']:.2f}x | "
+        f"{ratio['peak_memory']:.2f}x | |"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
