@@ -25,6 +25,7 @@ CUDA both sides run in one process and read ``torch.cuda.max_memory_allocated`` 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -155,7 +156,9 @@ def reference_batches(dataset, steps: list[list[int]], layout) -> list[Any]:
     from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
     from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
 
-    boson_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"))
+    boson_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json")
+    )
     special = dataset.tokenizer.special
     collator = HiggsAudioSampleCollator(
         whisper_processor=None,
@@ -205,7 +208,25 @@ def reference_batches(dataset, steps: list[list[int]], layout) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------ the steps
-def make_our_step(args, device: torch.device, dtype: torch.dtype, mode: str):
+def optimizer_kind(mode: str, device: torch.device, options: dict[str, Any]) -> dict[str, Any]:
+    """``build_optimizer`` arguments each step mode needs on ``device``.
+
+    eager / cudagraph with an eager optimizer: a float LR, fused AdamW on CUDA. A compiled optimizer
+    (compile mode with ``compile_optimizer``): tensor LR; on CUDA ``capturable=True`` (foreach AdamW
+    accepts a tensor LR only when capturable). A captured optimizer (``capture_optimizer``): capturable
+    with the tensor LR on the device.
+    """
+    cuda = device.type == "cuda"
+    compiled_optimizer = mode == "compile" and options.get("compile_optimizer", True)
+    captured_optimizer = mode == "cudagraph" and options.get("capture_optimizer", False)
+    if compiled_optimizer or captured_optimizer:
+        return {"lr_as_tensor": True, "capturable": cuda}
+    if mode == "functional" or not cuda:
+        return {}
+    return {"implementation": "fused"}
+
+
+def make_our_step(args, device: torch.device, dtype: torch.dtype, mode: str, optimizer_name: str = "adamw"):
     from higgs_tune.loss import AlignedLoss
     from higgs_tune.models.higgs_audio.builders import build_model
     from higgs_tune.training.optim import build_optimizer
@@ -213,18 +234,25 @@ def make_our_step(args, device: torch.device, dtype: torch.dtype, mode: str):
 
     torch.manual_seed(0)
     model = build_model(args, device=device, dtype=dtype)
-    optimizer = build_optimizer(
-        model.parameters(),
-        lr=1e-5,
-        implementation="fused" if device.type == "cuda" else None,
-        lr_as_tensor=mode in ("compile", "cudagraph"),
-        capturable=False,
-    )
+    options: dict[str, Any] = {}
+    if mode == "compile":
+        # On CPU the compiled optimizer compiles for minutes and gains nothing measurable: eager AdamW.
+        options["compile_optimizer"] = device.type == "cuda"
+    kind = optimizer_kind(mode, device, options)
+    if optimizer_name == "adamw_fused":
+        if kind.get("capturable"):
+            raise ValueError(
+                "--our-optimizer adamw_fused: a compiled/captured optimizer uses capturable foreach AdamW"
+            )
+        kind["implementation"] = "fused"
+    elif optimizer_name == "adamw8bit":
+        if kind:
+            raise ValueError(
+                f"--our-optimizer adamw8bit takes none of {sorted(kind)} (mode {mode} on {device})"
+            )
+        kind["name"] = "adamw8bit"
+    optimizer = build_optimizer(model.parameters(), lr=1e-5, **kind)
     loss_fn = AlignedLoss(text_chunk_size=1024)
-    options = {"compile_optimizer": device.type == "cuda"} if mode == "compile" else {}
-    if mode == "compile" and device.type != "cuda":
-        # On CPU the compiled optimizer gains nothing measurable and compiles for minutes: eager AdamW.
-        options = {"compile_optimizer": False}
     step = build_train_step(mode, model, loss_fn, optimizer, None, max_grad_norm=1.0, **options)
 
     def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -319,9 +347,18 @@ def run_side(side: str, cli) -> dict[str, Any]:
     ours = our_batches(dataset, steps)
     tokens = [int(b["num_tokens"].sum()) for b in ours]
     if side == "ours":
-        run, batches = make_our_step(args, device, dtype, cli.mode), ours
+        run, batches = make_our_step(args, device, dtype, cli.mode, cli.our_optimizer), ours
     else:
         run, batches = make_reference_step(args, device, dtype), reference_batches(dataset, steps, layout)
+        special = dataset.tokenizer.special
+        # Boson's merged length: real text tokens, each audio placeholder replaced by its columns.
+        tokens = [
+            int(b.attention_mask.sum())
+            - int(((b.input_ids == special.audio_in) | (b.input_ids == special.audio_out)).sum())
+            + b.audio_in_ids.shape[1]
+            + b.audio_out_ids.shape[1]
+            for b in batches
+        ]
     result = time_side(run, batches, cli.warmup, device)
     timed_tokens = statistics.median(tokens[cli.warmup :])
     result["tokens_per_step"] = timed_tokens
@@ -342,12 +379,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu3b")
     parser.add_argument("--small", action="store_true", help="the CI smoke configuration (--config small)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 CPU, bf16 CUDA")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 CPU, bf16 CUDA"
+    )
     parser.add_argument("--mode", choices=["eager", "compile", "cudagraph"], default="compile")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--data-dir", default=None, help="synthetic data (made there if missing)")
     parser.add_argument("--side", choices=["ours", "reference", "both"], default="both")
+    parser.add_argument(
+        "--our-optimizer",
+        choices=["adamw", "adamw_fused", "adamw8bit"],
+        default="adamw",
+        help="our side's optimizer (the reference always runs torch.optim.AdamW, fused on CUDA)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     cli = parser.parse_args(argv)
@@ -364,7 +409,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cli.side != "both":
             result = {cli.side: run_side(cli.side, cli)}
         elif cli.device.startswith("cuda"):
-            result = {side: run_side(side, cli) for side in ("reference", "ours")}
+            result = {}
+            for side in ("reference", "ours"):
+                result[side] = run_side(side, cli)
+                gc.collect()  # the side's model, optimizer and compiled graphs go before the next
+                torch.cuda.empty_cache()
         else:
             result = {side: run_in_subprocess(side, cli, argv) for side in ("reference", "ours")}
     if cli.side == "both":
@@ -389,9 +438,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run_in_subprocess(side: str, cli, argv: list[str] | None) -> dict[str, Any]:
     """Run one side in a fresh interpreter (its own peak RSS); returns its result dict."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--config", cli.config,
-               "--device", cli.device, "--dtype", cli.dtype, "--mode", cli.mode, "--steps", str(cli.steps),
-               "--warmup", str(cli.warmup), "--data-dir", cli.data_dir]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--side",
+        side,
+        "--config",
+        cli.config,
+        "--device",
+        cli.device,
+        "--dtype",
+        cli.dtype,
+        "--mode",
+        cli.mode,
+        "--steps",
+        str(cli.steps),
+        "--warmup",
+        str(cli.warmup),
+        "--data-dir",
+        cli.data_dir,
+        "--our-optimizer",
+        cli.our_optimizer,
+    ]
     if cli.threads:
         command += ["--threads", str(cli.threads)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -407,7 +475,7 @@ def markdown(result: dict[str, Any]) -> str:
     mem_name = "peak CUDA memory (GiB)" if mem_key == "peak_mem_gib" else "peak RSS (GiB)"
     lines = [
         f"config `{s['config']}` {s['bench_config']}, device {s['device']}, dtype {s['dtype']}, our mode "
-        f"`{s['mode']}`, median of {s['steps']} steps after {s['warmup']} warm-up, torch {s['torch']}, "
+        f"`{s['mode']}` with {s['our_optimizer']} (reference: torch AdamW), median of {s['steps']} steps after {s['warmup']} warm-up, torch {s['torch']}, "
         f"{s['threads']} threads",
         "",
         f"| side | tokens/s | step time (s) | {mem_name} | MFU |",

@@ -3,9 +3,10 @@
 A benchmark, not a test. Each variant runs in a FRESH subprocess (peak RSS is a process-wide
 high-water mark) and reports the extra peak memory of one forward + backward over what was allocated
 before it (hidden states, LM-head weight, targets). The weight gradient [V, H] is part of every variant's
-peak (on CPU, bf16 GEMMs also hold an fp32 copy of it); ``--frozen-head`` leaves it out so that only
-the logits and CE memory remain:
+peak; ``--frozen-head`` leaves it out so that only the logits and CE memory remain (plus what the GEMMs
+themselves allocate: see ``matmul_only``):
 
+    matmul_only       the gathered LM-head GEMMs with a trivial loss: the floor under the variants below
     naive             logits [1, L, V] at every position, upcast to fp32, CE (what most trainers do)
     chunked           every position, but the project's chunked fp32 CE
     gathered          only the N positions that carry a text target, one fp32 CE over them
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from higgs_tune.data.batch import IGNORE_INDEX
 from higgs_tune.loss.aligned_loss import chunked_text_cross_entropy
 
-VARIANTS = ("naive", "chunked", "gathered", "gathered_chunked")
+VARIANTS = ("matmul_only", "naive", "chunked", "gathered", "gathered_chunked")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -60,10 +61,12 @@ def run_variant(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, args.seq_len, args.hidden, generator=generator).to(device, dtype).requires_grad_()
-    lm_head = (torch.randn(args.vocab, args.hidden, generator=generator) * args.hidden**-0.5).to(
-        device, dtype
-    )
+    # Generated in the model dtype: no fp32 temporaries that would raise the high-water mark above what
+    # the measured step needs.
+    hidden = torch.randn(1, args.seq_len, args.hidden, generator=generator, dtype=dtype).to(device)
+    hidden.requires_grad_()
+    lm_head = torch.randn(args.vocab, args.hidden, generator=generator, dtype=dtype).to(device)
+    lm_head.mul_(args.hidden**-0.5)
     lm_head.requires_grad_(not args.frozen_head)
     target_positions = torch.randperm(args.seq_len, generator=generator)[: args.num_targets].sort().values
     targets = torch.full((1, args.seq_len), IGNORE_INDEX)
@@ -80,15 +83,17 @@ def run_variant(args: argparse.Namespace) -> dict:
         before = _current_rss_bytes()
     start = time.perf_counter()
 
-    if args.variant in ("gathered", "gathered_chunked"):
+    if args.variant in ("matmul_only", "gathered", "gathered_chunked"):
         rows = torch.gather(hidden, 1, target_index[:, :, None].expand(-1, -1, args.hidden))  # [1, N, H]
         row_targets = torch.gather(targets, 1, target_index)  # [1, N]
     else:
         rows, row_targets = hidden, targets
     logits = F.linear(rows, lm_head).flatten(0, 1)  # [rows, V], model dtype (as nn.Linear)
     row_targets = row_targets.flatten()
-    if args.variant in ("chunked", "gathered_chunked"):
-        ce_sum, _, _ = chunked_text_cross_entropy(logits, row_targets, args.chunk_size)
+    if args.variant == "matmul_only":
+        loss = logits.sum() / args.num_targets  # no CE: what the gathered LM-head GEMMs alone cost
+    elif args.variant in ("chunked", "gathered_chunked"):
+        ce_sum, _, _ = chunked_text_cross_entropy(logits, row_targets, args.chunk_size, with_z=False)
         loss = ce_sum / args.num_targets
     else:
         loss = F.cross_entropy(logits.float(), row_targets, ignore_index=IGNORE_INDEX)
@@ -118,7 +123,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=3072)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument(
-        "--chunk-size", type=int, default=1024, help="rows per fp32 chunk (AlignedLoss text_chunk_size)"
+        "--chunk-size", type=int, default=256, help="rows per fp32 chunk (AlignedLoss text_chunk_size)"
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--device", default="cpu")

@@ -83,13 +83,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _cross_entropy_and_z_sums(
-    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, with_z: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CE and squared-logsumexp summed over the valid rows of one chunk, computed in fp32 (or wider).
 
     Args:
         logits: [N, V] any float dtype.
         targets: [N] int64, ``IGNORE_INDEX`` where not trained.
+        label_smoothing: as in ``F.cross_entropy``.
+        with_z: compute the squared-logsumexp sum (else it is 0).
 
     Returns:
         (ce_sum [], z_sum []) fp32 (fp64 for fp64 logits).
@@ -98,26 +100,34 @@ def _cross_entropy_and_z_sums(
     ce_sum = F.cross_entropy(
         logits_fp32, targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
     )
+    if not with_z:
+        return ce_sum, ce_sum.new_zeros(())
     valid = (targets != IGNORE_INDEX).to(logits_fp32.dtype)
     z_sum = (torch.logsumexp(logits_fp32, dim=-1).square() * valid).sum()
     return ce_sum, z_sum
 
 
 def chunked_text_cross_entropy(
-    text_logits: torch.Tensor, text_targets: torch.Tensor, chunk_size: int, label_smoothing: float = 0.0
+    text_logits: torch.Tensor,
+    text_targets: torch.Tensor,
+    chunk_size: int,
+    label_smoothing: float = 0.0,
+    with_z: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums of text CE, squared logsumexp and argmax hits over valid targets, chunk by chunk.
 
     Each chunk of ``chunk_size`` rows is upcast to fp32 inside a non-reentrant activation checkpoint:
     the forward keeps only the (model-dtype) chunk, the backward recomputes the fp32 chunk, so at most
     one chunk of fp32 ``[chunk_size, V]`` logits is alive at a time. Chunk sizes are static (the last
-    chunk may be shorter), so the loop unrolls under ``torch.compile``.
+    chunk may be shorter), so the loop unrolls under ``torch.compile``. When all N rows fit in one
+    chunk there is nothing to save and no checkpoint is used.
 
     Args:
         text_logits: [N, V] model dtype (bf16 or fp32).
         text_targets: [N] int64, ``IGNORE_INDEX`` where not trained.
         chunk_size: rows per chunk (>= 1).
         label_smoothing: as in ``F.cross_entropy``.
+        with_z: compute the squared-logsumexp sum (else ``z_sum`` is 0).
 
     Returns:
         (ce_sum [], z_sum [], hits []) — ``hits`` is a detached fp32 count of argmax == target.
@@ -127,13 +137,23 @@ def chunked_text_cross_entropy(
             f"text logits {tuple(text_logits.shape)} and text targets {tuple(text_targets.shape)} "
             "must be [N, V] and [N]"
         )
+    if text_logits.shape[0] <= chunk_size:
+        # One chunk: a checkpoint would only add the recompute (the fp32 block is the same size).
+        ce_sum, z_sum = _cross_entropy_and_z_sums(text_logits, text_targets, label_smoothing, with_z)
+        hits = (text_logits.detach().argmax(-1) == text_targets).sum().to(ce_sum.dtype)
+        return ce_sum, z_sum, hits
     ce_sum = text_logits.new_zeros((), dtype=_compute_dtype(text_logits.dtype))
     z_sum = text_logits.new_zeros((), dtype=_compute_dtype(text_logits.dtype))
     for logits_chunk, targets_chunk in zip(
         torch.split(text_logits, chunk_size), torch.split(text_targets, chunk_size)
     ):
         chunk_ce, chunk_z = checkpoint(
-            _cross_entropy_and_z_sums, logits_chunk, targets_chunk, label_smoothing, use_reentrant=False
+            _cross_entropy_and_z_sums,
+            logits_chunk,
+            targets_chunk,
+            label_smoothing,
+            with_z,
+            use_reentrant=False,
         )
         ce_sum = ce_sum + chunk_ce
         z_sum = z_sum + chunk_z
@@ -143,13 +163,15 @@ def chunked_text_cross_entropy(
 
 
 def audio_cross_entropy(
-    audio_logits: torch.Tensor, audio_targets: torch.Tensor, label_smoothing: float = 0.0
+    audio_logits: torch.Tensor, audio_targets: torch.Tensor, label_smoothing: float = 0.0, with_z: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-codebook sums of audio CE, squared logsumexp and argmax hits, in fp32.
 
     Args:
         audio_logits: [N, K, C] model dtype, C = codebook_size + 2 classes per codebook.
         audio_targets: [N, K] int64 in 0..C-1 or ``IGNORE_INDEX``.
+        label_smoothing: as in ``F.cross_entropy``.
+        with_z: compute the squared-logsumexp sums (else ``z_sums`` are 0).
 
     Returns:
         (ce_sums [K], z_sums [K], hits [K]) fp32 (fp64 for fp64 logits); ``hits`` detached.
@@ -166,10 +188,12 @@ def audio_cross_entropy(
         reduction="none",
         label_smoothing=label_smoothing,
     )
+    hits = (audio_logits.detach().argmax(-1) == audio_targets).to(logits_fp32.dtype).sum(0)
+    if not with_z:
+        return ce.view(num_rows, num_codebooks).sum(0), ce.new_zeros(num_codebooks), hits
     valid = (audio_targets != IGNORE_INDEX).to(logits_fp32.dtype)
     z = torch.logsumexp(logits_fp32, dim=-1).square().view(num_rows, num_codebooks) * valid
-    hits = (audio_logits.detach().argmax(-1) == audio_targets).to(logits_fp32.dtype)
-    return ce.view(num_rows, num_codebooks).sum(0), z.sum(0), hits.sum(0)
+    return ce.view(num_rows, num_codebooks).sum(0), z.sum(0), hits
 
 
 def _logits_from(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +221,7 @@ class AlignedLoss(nn.Module):
           codebook_reduction: mean      # mean: Boson's reference; sum: HF transformers' port
           label_smoothing: 0.0
           z_loss_weight: 0.0
-          text_chunk_size: 1024
+          text_chunk_size: 256
 
     Args:
         text_weight: weight of the text term (reference: 1.0).
@@ -210,7 +234,9 @@ class AlignedLoss(nn.Module):
             like the CE: ``z_loss = z_loss_weight * (text_z + audio_z)``, ``audio_z`` combining the
             per-codebook means with the codebook weights and reduction. Not part of ``text_loss`` /
             ``audio_loss``; added to ``loss``.
-        text_chunk_size: gathered text positions per fp32 chunk of the text CE.
+        text_chunk_size: gathered text positions per fp32 chunk of the text CE. One chunk's transient
+            is about 3 x chunk x V x 4 bytes in the backward (fp32 logits, log-probs, gradient): 375 MiB
+            for 256 x 128256.
 
     Call: ``loss_fn(outputs, batch, num_text_targets_global=None, num_audio_targets_global=None)``;
     see :meth:`forward`.
@@ -223,7 +249,7 @@ class AlignedLoss(nn.Module):
         codebook_reduction: str = "mean",
         label_smoothing: float = 0.0,
         z_loss_weight: float = 0.0,
-        text_chunk_size: int = 1024,
+        text_chunk_size: int = 256,
     ) -> None:
         super().__init__()
         if codebook_reduction not in CODEBOOK_REDUCTIONS:
@@ -338,10 +364,17 @@ class AlignedLoss(nn.Module):
             )
         # Zero targets in the global batch: the term is SUM(nothing) / 1 = 0 (no NaN), still in the graph.
         text_ce_sum, text_z_sum, text_hits = chunked_text_cross_entropy(
-            text_logits.flatten(0, 1), text_targets.flatten(), self.text_chunk_size, self.label_smoothing
+            text_logits.flatten(0, 1),
+            text_targets.flatten(),
+            self.text_chunk_size,
+            self.label_smoothing,
+            with_z=self.z_loss_weight > 0.0,
         )
         audio_ce_sums, audio_z_sums, audio_hits = audio_cross_entropy(
-            audio_logits.flatten(0, 1), audio_targets.flatten(0, 1), self.label_smoothing
+            audio_logits.flatten(0, 1),
+            audio_targets.flatten(0, 1),
+            self.label_smoothing,
+            with_z=self.z_loss_weight > 0.0,
         )
 
         text_denominator = num_text_targets_global.to(text_ce_sum.dtype).clamp_min(1.0)

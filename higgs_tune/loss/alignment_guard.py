@@ -115,14 +115,22 @@ class AlignmentLayout:
     def from_token_to_id(
         cls, token_to_id: Callable[[str], int | None], codebook_size: int = 1024
     ) -> AlignmentLayout:
-        """From a name -> id lookup, e.g. ``tokenizers.Tokenizer.token_to_id``."""
+        """From a name -> id lookup that returns None or raises KeyError for an unknown token, e.g.
+        ``tokenizers.Tokenizer.token_to_id`` or ``higgs_tune.data.tokenizer.HiggsTokenizer.token_to_id``."""
         names = {
             "audio_in_token_id": "<|AUDIO|>",
             "audio_out_token_id": "<|AUDIO_OUT|>",
             "audio_out_bos_token_id": "<|audio_out_bos|>",
             "audio_eos_token_id": "<|audio_eos|>",
         }
-        ids = {field: token_to_id(token) for field, token in names.items()}
+
+        def lookup(token: str) -> int | None:
+            try:
+                return token_to_id(token)
+            except KeyError:
+                return None
+
+        ids = {field: lookup(token) for field, token in names.items()}
         missing = [names[field] for field, value in ids.items() if value is None]
         if missing:
             raise ValueError(f"the tokenizer has no id for {missing}")
@@ -194,15 +202,17 @@ def _check_shapes(batch: Mapping[str, torch.Tensor]) -> tuple[int, int, int]:
 
 def _segments(mask_row: torch.Tensor, doc_row: torch.Tensor) -> list[tuple[int, int]]:
     """[start, end) of maximal runs of ``mask_row`` within one document."""
+    continues = torch.zeros_like(mask_row)  # position t+1 continues the run that holds t
+    continues[:-1] = mask_row[:-1] & mask_row[1:] & (doc_row[1:] == doc_row[:-1])
     starts = mask_row.clone()
-    starts[1:] &= ~mask_row[:-1] | (doc_row[1:] != doc_row[:-1])
-    segments = []
-    for start in torch.nonzero(starts).flatten().tolist():
-        end = start + 1
-        while end < mask_row.shape[0] and mask_row[end] and doc_row[end] == doc_row[start]:
-            end += 1
-        segments.append((start, end))
-    return segments
+    starts[1:] &= ~continues[:-1]
+    lasts = mask_row & ~continues
+    return [
+        (start, last + 1)
+        for start, last in zip(
+            torch.nonzero(starts).flatten().tolist(), torch.nonzero(lasts).flatten().tolist()
+        )
+    ]
 
 
 def check_batch_alignment(batch: Mapping[str, torch.Tensor], layout: AlignmentLayout) -> None:

@@ -37,6 +37,7 @@ from higgs_tune.loss import LossOutput, global_target_counts
 from higgs_tune.training.distributed import all_reduce_gradients
 
 STEP_MODES = ("eager", "compile", "cudagraph", "functional")
+CUDAGRAPH_COMPILE_SCOPES = ("forward_loss", "blocks", "none")
 
 # LossOutput fields summed over micro-batches (each is already normalised by the global counts).
 _SUMMED_METRICS = (
@@ -194,9 +195,19 @@ class CompiledTrainStep(TrainStep):
                 "would recompile at every LR schedule change. Or pass compile_optimizer=False."
             )
         self._compiled_forward_loss = torch.compile(super().forward_loss, fullgraph=True, backend=backend)
+        # Not fullgraph: torch's Optimizer.step graph-breaks on purpose around the update (pytorch#104053,
+        # so AOTAutograd sees an in-place no-grad graph); the update itself is one compiled graph.
         self._compiled_clip_and_update = (
-            torch.compile(super().clip_and_update, backend=backend) if compile_optimizer else None
+            torch.compile(self._clip_and_update_unwrapped, backend=backend) if compile_optimizer else None
         )
+
+    def _clip_and_update_unwrapped(self) -> torch.Tensor:
+        """Clip + the optimizer class's own ``step``, bypassing the LR scheduler's wrapper of
+        ``optimizer.step`` (it lives in a file dynamo refuses to trace, which would leave the update eager)."""
+        max_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        type(self.optimizer).step(self.optimizer)
+        return grad_norm
 
     def forward_loss(
         self, batch: Mapping[str, torch.Tensor], num_text: torch.Tensor, num_audio: torch.Tensor
@@ -207,7 +218,9 @@ class CompiledTrainStep(TrainStep):
         if self._compiled_clip_and_update is None:
             return super().clip_and_update()
         clamp_tensor_lr(self.optimizer)
-        return self._compiled_clip_and_update()
+        grad_norm = self._compiled_clip_and_update()
+        self.optimizer._opt_called = True  # what the bypassed scheduler wrapper records (its order check)
+        return grad_norm
 
 
 class FunctionalTrainStep(TrainStep):
@@ -276,7 +289,9 @@ def make_functional_grad_fn(
         num_text: torch.Tensor,
         num_audio: torch.Tensor,
     ) -> tuple[torch.Tensor, LossOutput]:
-        output = loss_fn(torch.func.functional_call(model, params, (batch,), strict=False), batch, num_text, num_audio)
+        output = loss_fn(
+            torch.func.functional_call(model, params, (batch,), strict=False), batch, num_text, num_audio
+        )
         return output.loss, output._replace(loss=output.loss.detach())
 
     grad_and_value = torch.func.grad_and_value(loss_of, has_aux=True)
@@ -296,8 +311,12 @@ def make_functional_grad_fn(
 class CudaGraphTrainStep(TrainStep):
     """Forward + loss + backward of one micro-batch captured in one CUDA graph (torchtitan-style).
 
-    - The decoder blocks are compiled (``fullgraph=True``, inductor default mode) before capture;
-      ``mode="reduce-overhead"`` is NOT used (broken with gradient accumulation on torch 2.13).
+    - Compiled before capture (inductor default mode, ``fullgraph=True``), ``compile_scope``:
+      ``"forward_loss"`` (default: model + loss in one graph, as the compile mode), ``"blocks"`` (each
+      decoder layer; the loss stays eager, so it must not restore RNG state in backward, which CUDA
+      graph capture forbids: AlignedLoss's text-chunk checkpoint does unless built without it) or
+      ``"none"``. ``mode="reduce-overhead"`` is NOT used (broken with gradient accumulation on torch
+      2.13).
     - Static input buffers: each micro-batch is copied into them (``copy_``), then the graph replays.
       The global target counts live in static buffers too.
     - ``.grad`` stays allocated (``zero_grad(set_to_none=False)``): every replay ADDS into the same
@@ -326,7 +345,7 @@ class CudaGraphTrainStep(TrainStep):
         process_group: dist.ProcessGroup | None = None,
         capture: bool = True,
         capture_optimizer: bool = False,
-        compile_blocks: bool = True,
+        compile_scope: str = "forward_loss",
         warmup_iterations: int = 3,
     ) -> None:
         super().__init__(model, loss_fn, optimizer, lr_scheduler, max_grad_norm, process_group)
@@ -355,7 +374,12 @@ class CudaGraphTrainStep(TrainStep):
         self.capture = capture
         self.capture_optimizer = capture_optimizer and capture
         self.warmup_iterations = warmup_iterations
-        if compile_blocks:
+        if compile_scope not in CUDAGRAPH_COMPILE_SCOPES:
+            raise ValueError(f"compile_scope {compile_scope!r} is not one of {CUDAGRAPH_COMPILE_SCOPES}")
+        self._compiled_forward_loss = None
+        if compile_scope == "forward_loss":
+            self._compiled_forward_loss = torch.compile(super().forward_loss, fullgraph=True)
+        elif compile_scope == "blocks":
             for layer in getattr(model, "layers", []):
                 layer.compile(fullgraph=True)
         self._static_batch: dict[str, torch.Tensor] | None = None
@@ -367,7 +391,9 @@ class CudaGraphTrainStep(TrainStep):
 
     # ------------------------------------------------------------------ capture
     def _allocate(self, batch: Mapping[str, torch.Tensor], num_text: torch.Tensor, num_audio: torch.Tensor):
-        self._static_batch = {name: torch.empty_like(value, device=self.device) for name, value in batch.items()}
+        self._static_batch = {
+            name: torch.empty_like(value, device=self.device) for name, value in batch.items()
+        }
         self._static_counts = (
             torch.empty_like(num_text, device=self.device),
             torch.empty_like(num_audio, device=self.device),
@@ -391,6 +417,13 @@ class CudaGraphTrainStep(TrainStep):
             static.copy_(value, non_blocking=True)
         self._static_counts[0].copy_(num_text, non_blocking=True)
         self._static_counts[1].copy_(num_audio, non_blocking=True)
+
+    def forward_loss(
+        self, batch: Mapping[str, torch.Tensor], num_text: torch.Tensor, num_audio: torch.Tensor
+    ) -> LossOutput:
+        if self._compiled_forward_loss is None:
+            return super().forward_loss(batch, num_text, num_audio)
+        return self._compiled_forward_loss(batch, num_text, num_audio)
 
     def _forward_backward_static(self) -> LossOutput:
         assert self._static_batch is not None and self._static_counts is not None
@@ -459,6 +492,7 @@ class CudaGraphTrainStep(TrainStep):
         assert self._static_grad_norm is not None
         clamp_tensor_lr(self.optimizer)
         self._optimizer_graph.replay()
+        self.optimizer._opt_called = True  # optimizer.step is not called: tell the LR scheduler it ran
         return self._static_grad_norm.clone()
 
     def zero_grad(self) -> None:
@@ -482,7 +516,7 @@ def build_train_step(
     """Build the training step of ``mode`` (one of :data:`STEP_MODES`).
 
     ``mode_options`` go to the mode's class: ``compile``: ``backend``, ``compile_optimizer``;
-    ``functional``: ``backend``; ``cudagraph``: ``capture``, ``capture_optimizer``, ``compile_blocks``,
+    ``functional``: ``backend``; ``cudagraph``: ``capture``, ``capture_optimizer``, ``compile_scope``,
     ``warmup_iterations``. ``eager`` takes none. See the classes for their requirements (tensor LR for a
     compiled or captured optimizer, CUDA for ``cudagraph``).
     """

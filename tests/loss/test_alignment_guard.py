@@ -271,3 +271,59 @@ def test_warn_if_implausibly_low(caplog):
         assert not warn_if_implausibly_low(float("nan"), step=0)
     assert caplog.text == ""
     assert warn_if_implausibly_low(torch.tensor(0.01).item(), step=3, codebook_size=2048, threshold_nats=0.5)
+
+
+def test_accepts_batches_from_the_project_packer():
+    """The guard and the data pipeline agree on the invariants (voice cloning, audio-in, packing)."""
+    import numpy as np
+
+    from higgs_tune.data.batch import PackingSpec
+    from higgs_tune.data.chatml import tokenize_sample
+    from higgs_tune.data.document import AudioLayout, build_document
+    from higgs_tune.data.packer import collate_rows
+    from higgs_tune.data.tokenizer import HiggsTokenizer
+
+    tokenizer = HiggsTokenizer.from_path("higgs_tune/assets/tiny_tokenizer")
+    layout = AlignmentLayout.from_token_to_id(tokenizer.token_to_id)
+    rng = np.random.default_rng(0)
+
+    def audio(path):
+        return {"type": "audio", "audio_codes": path}
+
+    voice_clone = {
+        "messages": [
+            {"role": "system", "content": ["Speak like this: ", audio("ref_in.npy")]},
+            {"role": "user", "content": "a reference line"},
+            {"role": "assistant", "content": audio("ref_out.npy")},
+            {"role": "user", "content": "say something new"},
+            {"role": "assistant", "content": ["Sure. ", audio("target.npy")]},
+        ],
+        "start_index": 3,
+    }
+    text_only = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    }
+    documents = [
+        build_document(
+            tokenize_sample(voice_clone, tokenizer),
+            [rng.integers(0, 1024, (8, frames)) for frames in (3, 4, 6)],
+            AudioLayout(),
+        ),
+        build_document(tokenize_sample(text_only, tokenizer), [], AudioLayout()),
+    ]
+    length = sum(len(document) for document in documents)
+    batch = collate_rows(
+        [documents, documents[1:]], PackingSpec(seq_len=length + 3, batch_size=2), tokenizer.special.pad
+    )
+    check_batch_alignment(batch, layout)
+    assert batch["num_audio_targets"][0].tolist() == [7] * 8  # only the target turn: T + 1 = 7 per codebook
+
+
+def test_layout_lookup_that_raises_key_error_lists_every_missing_token():
+    def strict(token):
+        if token in ("<|AUDIO|>", "<|audio_eos|>"):
+            raise KeyError(token)
+        return SPECIAL[token]
+
+    with pytest.raises(ValueError, match=r"no id for \['<\|AUDIO\|>', '<\|audio_eos\|>'\]"):
+        AlignmentLayout.from_token_to_id(strict)

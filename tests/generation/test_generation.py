@@ -1,0 +1,543 @@
+"""Generation (``higgs_tune.generation``) against Boson's inference code.
+
+Oracles:
+
+- Boson's ``HiggsAudioModel.generate`` (greedy, KV cache, as the serve engine runs it) on the same weights
+  (our export -> ``from_pretrained``): equal audio columns and equal text ids up to and including the
+  ``<|audio_eos|>`` that closes the generated segment. After that point Boson's cached generate is NOT
+  comparable: with a KV cache it never feeds the segment's LAST column (the all-EOS column) to the model,
+  since the step that sampled it switches to text mode and feeds only ``<|audio_eos|>``. Its context after
+  a segment therefore lacks one column compared with the training layout (spec §5.4/§6.2, where that column
+  is present and predicts ``<|audio_eos|>``). We keep the training layout.
+- A step-by-step loop over Boson's ``forward`` on the FULL prefix (no cache), choosing audio columns with
+  Boson's own ``_sample_audio_tokens`` (delay and EOS rules from Boson's code): equal everything, greedy
+  and sampled with the same seeded generator.
+
+The tiny model gets a planted end of speech (see :func:`plant_end_of_speech`) so that a segment really
+ends inside the <= 40 generated columns.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from higgs_tune.data.chatml import parse_sample
+from higgs_tune.data.document import AudioLayout, segment_input_codes
+from higgs_tune.data.tokenizer import HiggsTokenizer
+from higgs_tune.generation import (
+    DelayState,
+    GenerationError,
+    GenerationTokens,
+    SamplingConfig,
+    build_prompt,
+    force_delay_pattern,
+    generate,
+    revert_delay_pattern,
+    segment_codes,
+    warp_logits,
+)
+from higgs_tune.models.higgs_audio.builders import higgs_audio_tiny, tiny_model_args
+from higgs_tune.models.higgs_audio.checkpoint import save_model
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("boson_multimodal")
+from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator  # noqa: E402
+from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample  # noqa: E402
+from boson_multimodal.model.higgs_audio import HiggsAudioModel as BosonModel  # noqa: E402
+from boson_multimodal.model.higgs_audio import utils as boson_utils  # noqa: E402
+from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
+from transformers.generation.logits_process import (  # noqa: E402
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+TINY_TOKENIZER = Path(__file__).resolve().parents[2] / "higgs_tune" / "assets" / "tiny_tokenizer"
+TOKENIZER = HiggsTokenizer.from_path(TINY_TOKENIZER)
+BOSON_TOKENIZER = transformers.PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER / "tokenizer.json"))
+LAYOUT = AudioLayout()
+K = LAYOUT.num_codebooks
+BOS, EOS = LAYOUT.stream_bos_id, LAYOUT.stream_eos_id
+TOKENS = GenerationTokens.from_tokenizer(TOKENIZER, tiny_model_args())
+MAX_NEW_COLUMNS = 30
+
+
+def random_codes(seed: int, frames: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, LAYOUT.codebook_size, size=(K, frames))
+
+
+def plant_end_of_speech(model: nn.Module, strength: float = 0.3) -> None:
+    """Make codebook 0 emit EOS right after the delay pattern has filled (a deterministic end of speech).
+
+    Hidden dimension 0 of the LAST codebook's embedding is +strength for every id but the stream BOS,
+    -strength for BOS; codebook 0's EOS row of the audio head reads dimension 0 only. So the EOS logit is
+    large and positive exactly at audio columns whose last codebook is no longer the delay filler. Column
+    c is chosen from column c-1, whose last row is BOS up to column K-1 (delay), so columns 0..K do not
+    end the segment, column K+1 does (codebook 0 emits EOS) and K-1 closing columns follow: 2K+1 columns.
+    """
+    stride = model.args.codebook_vocab_size
+    with torch.no_grad():
+        table = model.audio_codebook_embeddings.weight
+        last = slice((K - 1) * stride, K * stride)
+        table[last, 0] = strength
+        table[(K - 1) * stride + BOS, 0] = -strength
+        head = model.audio_decoder_proj.audio_lm_head.weight
+        head[EOS].zero_()
+        head[EOS, 0] = 1.0
+
+
+def silence_placeholders(model: nn.Module) -> None:
+    """Zero the text-head rows of ``<|AUDIO|>`` / ``<|AUDIO_OUT|>``: logit 0 is below the maximum (and
+    outside the top 50) of the ~1000 random logits, so the random model, like a trained one, never emits a
+    bare placeholder (which Boson's protocol cannot continue from)."""
+    with torch.no_grad():
+        for token in (TOKENS.audio_in, TOKENS.audio_out):
+            model.audio_decoder_proj.text_lm_head.weight[token].zero_()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(1234)
+    ours = higgs_audio_tiny(dtype=torch.float32).eval()
+    plant_end_of_speech(ours)
+    silence_placeholders(ours)
+    export = save_model(ours, tmp_path_factory.mktemp("gen") / "hf")
+    boson = BosonModel.from_pretrained(str(export), attn_implementation="eager").eval()
+    return ours, boson
+
+
+def text_prompt() -> tuple[list[dict], list[np.ndarray]]:
+    return [
+        {"role": "system", "content": "Generate audio following instruction."},
+        {"role": "user", "content": "the small cat sees a big dog"},
+    ], []
+
+
+def voice_clone_prompt() -> tuple[list[dict], list[np.ndarray]]:
+    """Audio-in reference in the system turn, an assistant (audio-out) reference exchange, a new user text."""
+    messages = [
+        {
+            "role": "system",
+            "content": [
+                {"type": "text", "text": "Generate audio following instruction.\n\nSPEAKER0: "},
+                {"type": "audio", "audio_codes": "ref_in.npy"},
+            ],
+        },
+        {"role": "user", "content": "one red bird"},
+        {"role": "assistant", "content": {"type": "audio", "audio_codes": "ref_out.npy"}},
+        {"role": "user", "content": "the moon sings"},
+    ]
+    return messages, [random_codes(1, 5), random_codes(2, 4)]
+
+
+PROMPTS = {"text": text_prompt, "voice_clone": voice_clone_prompt}
+
+
+# ------------------------------------------------------------------------------- Boson-side helpers
+def boson_prompt_inputs(messages: list[dict], codes: list[np.ndarray], force_audio: bool) -> dict:
+    """Boson's serve-engine prompt (prepare_chatml_sample + assistant header) through its collator
+    (audio-in codes fed, as examples/generation.py and the config's encode_audio_in_tokens do)."""
+    boson_messages = copy.deepcopy(messages)
+    for message in boson_messages:
+        content = message["content"]
+        for item in content if isinstance(content, list) else [content]:
+            if isinstance(item, dict) and item.get("type") == "audio":
+                item["audio_url"] = item.pop("audio_codes")
+    input_tokens, _, audio_contents, _ = prepare_chatml_sample({"messages": boson_messages}, BOSON_TOKENIZER)
+    postfix = "<|start_header_id|>assistant<|end_header_id|>\n\n" + (
+        "<|audio_out_bos|>" if force_audio else ""
+    )
+    input_tokens = input_tokens + BOSON_TOKENIZER.encode(postfix, add_special_tokens=False)
+    assert len(audio_contents) == len(codes)
+    lengths = [c.shape[1] for c in codes]
+    sample = ChatMLDatasetSample(
+        input_ids=torch.tensor(input_tokens, dtype=torch.long),
+        label_ids=None,
+        audio_ids_concat=torch.from_numpy(np.concatenate(codes, axis=1)) if codes else None,
+        audio_ids_start=torch.tensor(np.cumsum([0] + lengths[:-1]), dtype=torch.long) if codes else None,
+        audio_waveforms_concat=None,
+        audio_waveforms_start=None,
+        audio_sample_rate=None,
+        audio_speaker_indices=None,
+    )
+    collator = HiggsAudioSampleCollator(
+        whisper_processor=None,
+        audio_in_token_id=TOKENS.audio_in,
+        audio_out_token_id=TOKENS.audio_out,
+        pad_token_id=TOKENS.pad,
+        audio_stream_bos_id=BOS,
+        audio_stream_eos_id=EOS,
+        encode_whisper_embed=False,
+        return_audio_in_tokens=True,
+        use_delay_pattern=True,
+        audio_num_codebooks=K,
+        round_to=1,
+    )
+    batch = asdict(collator([sample]))
+    keys = "input_ids attention_mask audio_in_ids audio_in_ids_start audio_out_ids audio_out_ids_start"
+    return {key: batch[key] for key in keys.split()}
+
+
+def boson_full_prefix_generate(
+    boson, inputs: dict, max_new_columns: int, do_sample: bool, processors, generator
+) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+    """Boson's protocol (``_sample``) step by step, but every step runs ``forward`` on the WHOLE prefix
+    (no cache); audio columns come from Boson's ``_sample_audio_tokens`` (its delay/EOS rules).
+
+    Returns:
+        (generated text ids, audio columns per segment, the logits each step chose from: text [V] or
+        audio [K * C], in step order).
+    """
+    step_logits: list[torch.Tensor] = []
+    input_ids = inputs["input_ids"][0].tolist()
+    prompt_length = len(input_ids)
+    audio_out_ids = inputs["audio_out_ids"]
+    if audio_out_ids.numel() == 0:
+        audio_out_ids = torch.zeros(K, 0, dtype=torch.long)
+    starts = inputs["audio_out_ids_start"].tolist()
+    config = GenerationConfig()
+    config.generation_kwargs = {"audio_eos_token_id": TOKENS.audio_eos}
+    segments: list[torch.Tensor] = []
+    num_delay, num_remaining = 0, None
+    for _ in range(max_new_columns):
+        last = input_ids[-1]
+        if last == TOKENS.audio_out_bos:
+            column = torch.full((K, 1), BOS, dtype=torch.long)
+            starts.append(audio_out_ids.shape[1])
+            audio_out_ids = torch.cat([audio_out_ids, column], dim=1)
+            segments.append(column)
+            input_ids.append(TOKENS.audio_out)
+            continue
+        with torch.no_grad():
+            out = boson(
+                input_ids=torch.tensor([input_ids]),
+                attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+                audio_in_ids=inputs["audio_in_ids"],
+                audio_in_ids_start=inputs["audio_in_ids_start"],
+                audio_out_ids=audio_out_ids,
+                audio_out_ids_start=torch.tensor(starts, dtype=torch.long),
+                use_cache=False,
+            )
+        if last == TOKENS.audio_out:
+            step_logits.append(out.audio_logits[-1].flatten())
+            next_tokens, column, _, _, num_delay, num_remaining = boson._sample_audio_tokens(
+                hidden_states=None,
+                audio_logits=out.audio_logits[-1:],
+                audio_out_ids=audio_out_ids,
+                do_sample=do_sample,
+                logits_processor=processors,
+                device=torch.device("cpu"),
+                torch_generator=generator,
+                generation_config=config,
+                num_delay=num_delay,
+                num_remaining_delays=num_remaining,
+            )
+            audio_out_ids = torch.cat([audio_out_ids, column[:, None]], dim=1)
+            segments[-1] = torch.cat([segments[-1], column[:, None]], dim=1)
+            if int(next_tokens[0]) != TOKENS.audio_out:
+                input_ids.append(int(next_tokens[0]))
+            continue
+        step_logits.append(out.logits[0, -1])
+        scores = processors(None, out.logits[:, -1].float())
+        if do_sample:
+            token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator)[0, 0])
+        else:
+            token = int(scores.argmax(-1)[0])
+        input_ids.append(token)
+        if token in TOKENS.stop:
+            break
+    return input_ids[prompt_length:], segments, step_logits
+
+
+def record_head_outputs(model) -> tuple[list[torch.Tensor], list]:
+    """Record every output of our two heads (in call order) through forward hooks."""
+    recorded: list[torch.Tensor] = []
+    heads = (model.audio_decoder_proj.text_lm_head, model.audio_decoder_proj.audio_lm_head)
+    hooks = [
+        head.register_forward_hook(lambda _m, _i, out: recorded.append(out[-1].flatten())) for head in heads
+    ]
+    return recorded, hooks
+
+
+def unmerge(tokens: torch.Tensor, audio: torch.Tensor) -> list[int]:
+    """Merged tokens [S] with audio mask [S] -> one placeholder per audio run (Boson's input_ids)."""
+    ids = []
+    for i, (token, is_audio) in enumerate(zip(tokens.tolist(), audio.tolist())):
+        if is_audio and i > 0 and audio[i - 1]:
+            continue
+        ids.append(token)
+    return ids
+
+
+# ------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("name", sorted(PROMPTS))
+def test_prompt_layout_is_the_serve_engine_prompt(name):
+    messages, codes = PROMPTS[name]()
+    for force_audio in (False, True):
+        prompt = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=force_audio)
+        boson = boson_prompt_inputs(messages, codes, force_audio)
+        audio = prompt.audio_in_mask | prompt.audio_out_mask
+        assert unmerge(prompt.tokens, audio) == boson["input_ids"][0].tolist()
+        assert torch.equal(prompt.audio_codes[:, prompt.audio_in_mask], boson["audio_in_ids"].reshape(K, -1))
+        assert torch.equal(
+            prompt.audio_codes[:, prompt.audio_out_mask], boson["audio_out_ids"].reshape(K, -1)
+        )
+
+
+@pytest.mark.parametrize("name", sorted(PROMPTS))
+def test_greedy_generation_equals_boson(models, name):
+    ours, boson = models
+    messages, codes = PROMPTS[name]()
+    prompt = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True)
+    recorded, hooks = record_head_outputs(ours)
+    result = generate(ours, prompt, TOKENS, max_new_columns=MAX_NEW_COLUMNS)
+    for hook in hooks:
+        hook.remove()
+    inputs = boson_prompt_inputs(messages, codes, force_audio=True)
+
+    # The planted end of speech: one complete segment of 2K + 1 columns, K - 1 codes per codebook.
+    assert len(result.audio_columns) >= 1
+    first = result.audio_columns[0]
+    assert first.shape == (K, 2 * K + 1)
+    assert first[0, K + 1] == EOS and first[: K - 1, -1].tolist() == [EOS] * (K - 1)
+    assert result.audio_codes[0].shape == (K, K)
+    assert result.text_ids[:2].tolist() == [TOKENS.audio_out, TOKENS.audio_eos]
+
+    # 1. Boson's own generate (KV cache, greedy): same columns, same text through <|audio_eos|>.
+    sequences, audio_sequences = boson.generate(
+        **inputs,
+        max_new_tokens=MAX_NEW_COLUMNS,
+        use_cache=True,
+        do_sample=False,
+        eos_token_id=list(TOKENS.stop),
+        pad_token_id=TOKENS.pad,
+    )
+    boson_text = sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    assert torch.equal(audio_sequences[0], first)
+    assert boson_text[:2] == result.text_ids[:2].tolist()
+    reverted = boson_utils.revert_delay_pattern(audio_sequences[0]).clip(0, LAYOUT.codebook_size - 1)[:, 1:-1]
+    assert torch.equal(reverted, result.audio_codes[0])
+
+    # 2. Boson's forward on the full prefix, step by step: everything equal, to the last step, and the
+    # logits of every step close (the context layout itself, not only the argmax).
+    text, segments, boson_logits = boson_full_prefix_generate(
+        boson, inputs, MAX_NEW_COLUMNS, do_sample=False, processors=LogitsProcessorList(), generator=None
+    )
+    assert text == result.text_ids.tolist()
+    assert len(recorded) == len(boson_logits)
+    for step, (mine, theirs) in enumerate(zip(recorded, boson_logits)):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+    assert len(segments) == len(result.audio_columns)
+    for theirs, mine in zip(segments, result.audio_columns):
+        assert torch.equal(theirs, mine)
+    assert result.num_steps == MAX_NEW_COLUMNS or result.stopped_by == "stop_token"
+
+
+def test_sampled_generation_equals_boson_with_the_same_generator(models):
+    ours, boson = models
+    messages, codes = voice_clone_prompt()
+    sampling = SamplingConfig(greedy=False, temperature=0.8, top_k=50, top_p=0.9)
+    prompt = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True)
+    result = generate(
+        ours,
+        prompt,
+        TOKENS,
+        max_new_columns=30,
+        sampling=sampling,
+        generator=torch.Generator().manual_seed(7),
+    )
+    processors = LogitsProcessorList(
+        [TemperatureLogitsWarper(0.8), TopKLogitsWarper(50), TopPLogitsWarper(0.9)]
+    )
+    text, segments, _ = boson_full_prefix_generate(
+        boson,
+        boson_prompt_inputs(messages, codes, force_audio=True),
+        30,
+        do_sample=True,
+        processors=processors,
+        generator=torch.Generator().manual_seed(7),
+    )
+    assert text == result.text_ids.tolist()
+    assert [s.tolist() for s in segments] == [c.tolist() for c in result.audio_columns]
+    # sampling really sampled: another seed gives other codes
+    other = generate(
+        ours,
+        prompt,
+        TOKENS,
+        max_new_columns=30,
+        sampling=sampling,
+        generator=torch.Generator().manual_seed(8),
+    )
+    assert [c.tolist() for c in other.audio_columns] != [c.tolist() for c in result.audio_columns]
+
+
+def test_warpers_equal_transformers():
+    logits = torch.randn(8, 1026, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_k, top_p in [(1.0, None, None), (0.7, 50, None), (1.3, None, 0.8), (0.5, 5, 0.95)]:
+        processors = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        processors += [TopKLogitsWarper(top_k)] if top_k else []
+        processors += [TopPLogitsWarper(top_p)] if top_p else []
+        expected = LogitsProcessorList(processors)(None, logits.clone())
+        mine = warp_logits(
+            logits.clone(), SamplingConfig(greedy=False, temperature=temperature, top_k=top_k, top_p=top_p)
+        )
+        assert torch.equal(torch.isinf(mine), torch.isinf(expected))
+        torch.testing.assert_close(mine[~torch.isinf(mine)], expected[~torch.isinf(expected)])
+
+
+def test_delay_and_eos_forcing_equal_boson_sample_audio_tokens(models):
+    """Random columns with EOS planted at random codebooks and columns, through a whole segment."""
+    _, boson = models
+    config = GenerationConfig()
+    config.generation_kwargs = {"audio_eos_token_id": TOKENS.audio_eos}
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        state, boson_delay, boson_remaining = DelayState(), 0, None
+        history = torch.full((K, 1), BOS, dtype=torch.long)
+        eos_column = int(rng.integers(1, 3 * K))
+        for column_index in range(1, 4 * K):
+            column = torch.from_numpy(rng.integers(0, LAYOUT.codebook_size, size=K))
+            if column_index >= eos_column:
+                rows = rng.choice(K, size=int(rng.integers(1, 3)), replace=False)
+                column[rows] = EOS
+            if rng.random() < 0.1:
+                column[int(rng.integers(0, K))] = BOS  # the model may also pick BOS freely
+            logits = torch.full((1, K, LAYOUT.codebook_size + 2), -5.0)
+            logits[0, torch.arange(K), column] = 5.0
+            next_tokens, boson_column, _, _, boson_delay, boson_remaining = boson._sample_audio_tokens(
+                hidden_states=None,
+                audio_logits=logits,
+                audio_out_ids=history,
+                do_sample=False,
+                logits_processor=LogitsProcessorList(),
+                device=torch.device("cpu"),
+                torch_generator=None,
+                generation_config=config,
+                num_delay=boson_delay,
+                num_remaining_delays=boson_remaining,
+            )
+            forced, state, ended = force_delay_pattern(column, state, BOS, EOS)
+            assert torch.equal(forced, boson_column), (trial, column_index)
+            assert ended == (int(next_tokens[0]) == TOKENS.audio_eos), (trial, column_index)
+            history = torch.cat([history, forced[:, None]], dim=1)
+            if ended:
+                break
+        else:
+            raise AssertionError(f"trial {trial}: the segment never ended")
+
+
+def test_segment_codes_round_trip_the_training_layout():
+    codes = torch.from_numpy(random_codes(3, 11))
+    columns = segment_input_codes(codes, LAYOUT)  # [K, T + K + 1], what training feeds and generation emits
+    assert torch.equal(segment_codes(columns, LAYOUT.codebook_size), codes)
+    assert torch.equal(revert_delay_pattern(columns), boson_utils.revert_delay_pattern(columns))
+
+
+# ------------------------------------------------------------------- a model whose logits we control
+class ScriptedModel(nn.Module):
+    """Stands in for HiggsAudioModel: the step's logits come from a script keyed by the sequence length.
+
+    ``text_script[L]`` / ``audio_script[L]`` give the argmax text token / audio column [K] when the input
+    has L positions; every batch it sees is recorded.
+    """
+
+    def __init__(self, text_script: dict[int, int], audio_script: dict[int, list[int]]):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.text_script, self.audio_script = text_script, audio_script
+        self.batches: list[dict] = []
+
+    def hidden_states(self, batch):
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        length = batch["tokens"].shape[1]
+        return torch.full((1, length, 1), float(length))
+
+    def text_head(self, hidden):
+        length = int(hidden[0, 0])
+        logits = torch.zeros(1, TOKENIZER.vocab_size)
+        logits[0, self.text_script[length]] = 1.0
+        return logits
+
+    def audio_head(self, hidden):
+        length = int(hidden[0, 0])
+        logits = torch.zeros(1, K, LAYOUT.codebook_size + 2)
+        logits[0, torch.arange(K), torch.tensor(self.audio_script[length])] = 1.0
+        return logits
+
+
+def test_delay_eos_and_audio_eos_forcing_on_a_scripted_model():
+    messages, _ = text_prompt()
+    prompt = build_prompt(messages, TOKENIZER, LAYOUT)
+    start = len(prompt)
+    # step 1: text <|audio_out_bos|>; step 2: forced BOS column (no model call); then audio columns
+    # sampled at lengths start+2 ...; codebook 2 emits EOS in the 6th sampled column (and codebook 5
+    # too, which the delay forces to BOS anyway); after <|audio_eos|> the text head says <|eot_id|>.
+    codes = [[100 + 10 * c + k for k in range(K)] for c in range(12)]
+    codes[5][2] = EOS
+    codes[5][5] = EOS
+    codes[10][K - 1] = EOS  # the last codebook ends on its own (the rules never force it)
+    audio_script = {start + 2 + c: codes[c] for c in range(12)}
+    eot = TOKENIZER.token_to_id("<|eot_id|>")
+    text_script = {start: TOKENS.audio_out_bos}
+    model = ScriptedModel(text_script, audio_script)
+    # sampled columns 1..6, then K-1-2 = 5 closing columns -> 12 columns; <|audio_eos|> forced with the last
+    segment_length = 1 + 6 + (K - 1 - 2)
+    text_script[start + 1 + segment_length + 1] = eot
+    result = generate(model, prompt, TOKENS, max_new_columns=50)
+
+    columns = result.audio_columns[0]
+    expected = torch.full((K, segment_length), BOS, dtype=torch.long)
+    for c in range(1, segment_length):
+        for k in range(K):
+            if k >= c:
+                expected[k, c] = BOS  # delay: codebook k's first code comes at column k + 1
+            elif c == 6 and k <= 2:
+                expected[k, c] = EOS  # lowest EOS codebook 2 -> rows 0..2 EOS
+            elif c > 6 and k < K - (K - 1 - 2 - (c - 7)):
+                expected[k, c] = EOS  # closing columns: one more row of EOS each
+            else:
+                expected[k, c] = codes[c - 1][k]
+    assert columns.tolist() == expected.tolist()
+    assert columns[:, -1].tolist() == [EOS] * K
+    assert result.text_ids.tolist() == [TOKENS.audio_out_bos, TOKENS.audio_out, TOKENS.audio_eos, eot]
+    assert result.stopped_by == "stop_token"
+    assert result.num_steps == 1 + segment_length + 1
+    # codes for the decoder: delay reverted, BOS and EOS columns dropped
+    assert torch.equal(result.audio_codes[0], segment_codes(columns, LAYOUT.codebook_size))
+    # the model saw one call per sampled column and per text step, each with the full prefix
+    seen = model.batches[-1]
+    assert seen["tokens"].shape == (1, start + 1 + segment_length + 1)
+    assert seen["audio_out_mask"][0].sum() == segment_length
+    assert seen["tokens"][0, -1] == TOKENS.audio_eos
+    assert torch.equal(seen["audio_codes"][0][:, start + 1 : start + 1 + segment_length], columns)
+    assert len(model.batches) == 1 + (segment_length - 1) + 1
+
+
+def test_generation_stops_at_max_new_columns_and_rejects_bare_placeholders():
+    messages, _ = text_prompt()
+    prompt = build_prompt(messages, TOKENIZER, LAYOUT, force_audio=True)
+    start = len(prompt)
+    model = ScriptedModel({}, {start + 1 + c: [7] * K for c in range(10)})
+    result = generate(model, prompt, TOKENS, max_new_columns=5)
+    assert result.stopped_by == "max_new_columns" and result.num_steps == 5
+    assert result.audio_columns[0].shape == (K, 5)
+    assert result.text_ids.tolist() == [TOKENS.audio_out]
+
+    bad = ScriptedModel({len(build_prompt(messages, TOKENIZER, LAYOUT)): TOKENS.audio_out}, {})
+    with pytest.raises(GenerationError, match="placeholder"):
+        generate(bad, build_prompt(messages, TOKENIZER, LAYOUT), TOKENS, max_new_columns=3)
+
+
+def test_prompt_ending_with_an_assistant_turn_keeps_its_eot():
+    messages = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}]
+    prompt = build_prompt(messages, TOKENIZER, LAYOUT)
+    boson = boson_prompt_inputs(messages, [], force_audio=False)
+    assert prompt.tokens.tolist() == boson["input_ids"][0].tolist()
+    assert parse_sample({"messages": messages})  # the messages themselves are a valid sample

@@ -1,0 +1,23 @@
+"""tools/bench.py --small runs both sides (ours and Boson's reference step) on the same samples and
+reports every figure (the numbers themselves are not asserted: CI machines vary)."""
+
+from __future__ import annotations
+
+import math
+
+from training_testing import load_tool
+
+
+def test_bench_small_reports_both_sides(capsys):
+    bench = load_tool("bench")
+    result = bench.main(["--small"])
+    for side in ("reference", "ours"):
+        figures = result[side]
+        assert figures["step_s"] > 0 and math.isfinite(figures["tokens_per_s"])
+        assert figures["peak_rss_gib"] > 0
+        assert all(math.isfinite(loss) for loss in figures["losses"])
+        # The same samples on both sides: the first losses of two random models agree to within a few nats.
+        assert 5.0 < figures["losses"][0] < 30.0
+    assert result["ours"]["tokens_per_step"] == result["reference"]["tokens_per_step"]
+    assert set(result["ratio"]) == {"tokens_per_s", "step_time", "peak_memory"}
+    assert "| ours / reference |" in capsys.readouterr().out

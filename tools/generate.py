@@ -1,0 +1,222 @@
+"""Generate audio codes (and text) from an exported Higgs Audio checkpoint, with Boson's inference protocol.
+
+    python tools/generate.py --checkpoint DIR --text "..." [--tokenizer PATH] [--system "..."]
+        [--greedy | --temperature T --top-k K --top-p P] [--seed S] [--max-new-columns N]
+        [--out codes.npy] [--manifest M --index I] [--no-force-audio] [--audio-decoder boson:/path]
+
+Prompt (``higgs_tune.generation.build_prompt``):
+
+- ``--text`` alone: a system turn (``--system``, default Boson's "Generate audio following instruction.")
+  and a user turn with the text;
+- ``--manifest M --index I``: the messages of sample I (0-based, blank lines skipped) of manifest M, up
+  to its LAST assistant turn (the answer to generate), with their audio items read from the codes files
+  (voice cloning references, audio-in prompts). With ``--text`` too, the text replaces the content of
+  the last user turn of that context (same voice, new sentence).
+
+The prompt ends with ``<|audio_out_bos|>`` (the serve engine's ``force_audio_gen``) unless
+``--no-force-audio``; then the model decides between text and speech. Generation: greedy by default,
+or sampled; no KV cache (see ``higgs_tune/generation.py``), so this is for small models and short
+outputs, or patience.
+
+Writes ``--out`` (default ``codes.npy``): the codes [K, T] of the first generated audio segment
+(delay reverted, stream BOS/EOS dropped, as the serve engine decodes them); further segments go to
+``<out>.1.npy``, ... With ``--audio-decoder boson:/path/to/higgs-audio-v2-tokenizer`` (Boson's audio
+tokenizer weights and ``boson_multimodal`` installed), also writes ``<out>.wav`` (24 kHz, all segments
+concatenated). The last line of stdout is one JSON object describing the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from higgs_tune.data.chatml import AudioItem, parse_sample
+from higgs_tune.data.document import AudioLayout
+from higgs_tune.data.manifest import read_codes, resolve_codes_path
+from higgs_tune.data.tokenizer import HiggsTokenizer
+from higgs_tune.generation import GenerationTokens, SamplingConfig, build_prompt, generate
+from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
+from higgs_tune.models.higgs_audio.checkpoint import read_hf_config
+
+DEFAULT_SYSTEM = "Generate audio following instruction."
+
+
+def read_manifest_sample(manifest: Path, index: int) -> dict:
+    """Sample ``index`` (0-based, blank lines skipped) of a JSONL manifest."""
+    with open(manifest, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    if not 0 <= index < len(lines):
+        raise SystemExit(f"--index {index} is outside the {len(lines)} samples of {manifest}")
+    return json.loads(lines[index])
+
+
+def manifest_prompt(manifest: Path, index: int, text: str | None) -> tuple[list[dict], list[np.ndarray]]:
+    """The context of sample ``index``: its messages before the last assistant turn, and their codes."""
+    raw = read_manifest_sample(manifest, index)
+    parse_sample(raw)  # validates the whole sample, naming the offending field
+    messages = list(raw["messages"])
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant_turns or assistant_turns[-1] == 0:
+        raise SystemExit(f"{manifest} sample {index}: no assistant turn after some context to generate")
+    messages = messages[: assistant_turns[-1]]
+    if text is not None:
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise SystemExit(f"{manifest} sample {index}: no user turn whose text --text could replace")
+        messages[users[-1]] = {"role": "user", "content": text}
+    kept = parse_sample({"messages": messages})
+    codes = [
+        read_codes(resolve_codes_path(manifest, item.codes_path))
+        for message in kept.messages
+        for item in message.items
+        if isinstance(item, AudioItem)
+    ]
+    return messages, codes
+
+
+def decode_with_boson(spec: str, segments: list[np.ndarray], out_wav: Path) -> None:
+    """Decode codes [K, T] segments with Boson's audio tokenizer (``boson:/path``) into a 24 kHz wav."""
+    kind, _, path = spec.partition(":")
+    if kind != "boson" or not path:
+        raise SystemExit(f"--audio-decoder must be boson:/path/to/audio-tokenizer, got {spec!r}")
+    try:
+        from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
+    except ImportError as error:
+        raise SystemExit(f"--audio-decoder boson:... needs boson_multimodal ({error})") from None
+    if not (Path(path) / "model.pth").is_file():
+        raise SystemExit(f"no Boson audio tokenizer weights (model.pth) in {path}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    codec = load_higgs_audio_tokenizer(path, device=device)
+    waves = []
+    for codes in segments:
+        decoded = codec.decode(torch.from_numpy(codes.astype(np.int64))[None].to(device))  # [1, 1, samples]
+        if isinstance(decoded, torch.Tensor):
+            decoded = decoded.detach().float().cpu().numpy()
+        waves.append(np.asarray(decoded)[0, 0])
+    audio = np.concatenate(waves) if waves else np.zeros(0, dtype=np.float32)
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
+    with wave.open(str(out_wav), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(int(codec.sampling_rate))
+        f.writeframes(pcm.tobytes())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="HF-layout checkpoint directory")
+    parser.add_argument("--text", default=None, help="the text to speak")
+    parser.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt for --text alone")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer.json or its directory (default: the checkpoint directory)",
+    )
+    parser.add_argument("--manifest", type=Path, default=None, help="take the prompt from this manifest")
+    parser.add_argument("--index", type=int, default=None, help="sample of --manifest (0-based)")
+    parser.add_argument(
+        "--greedy", action="store_true", help="argmax decoding (default unless sampling args)"
+    )
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    parser.add_argument(
+        "--max-new-columns",
+        type=int,
+        default=400,
+        help="decoding steps: text tokens + audio columns (default 400 = 16 s of speech)",
+    )
+    parser.add_argument(
+        "--no-force-audio", action="store_true", help="do not end the prompt with <|audio_out_bos|>"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("codes.npy"), help="codes of the first segment (.npy)"
+    )
+    parser.add_argument("--audio-decoder", default=None, help="boson:/path/to/higgs-audio-v2-tokenizer")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="model dtype (default: bf16 on cuda, fp32 on cpu)",
+    )
+    args = parser.parse_args(argv)
+
+    sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    if args.greedy and sampled:
+        parser.error("--greedy excludes --temperature / --top-k / --top-p")
+    if (args.manifest is None) != (args.index is None):
+        parser.error("--manifest and --index go together")
+    if args.manifest is None and args.text is None:
+        parser.error("give --text, or --manifest and --index")
+    sampling = SamplingConfig(
+        greedy=not sampled,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    hf_config = read_hf_config(args.checkpoint)
+    tokenizer_path = args.tokenizer if args.tokenizer is not None else args.checkpoint
+    if not (tokenizer_path.is_file() or (tokenizer_path / "tokenizer.json").is_file()):
+        raise SystemExit(f"no tokenizer.json at {tokenizer_path}; pass --tokenizer PATH")
+    tokenizer = HiggsTokenizer.from_path(tokenizer_path)
+    model = from_checkpoint_dir(args.checkpoint, dtype=dtype, device=device).eval()
+    tokens = GenerationTokens.from_tokenizer(tokenizer, model.args)
+
+    if args.manifest is not None:
+        messages, codes = manifest_prompt(args.manifest, args.index, args.text)
+    else:
+        messages = [{"role": "system", "content": args.system}, {"role": "user", "content": args.text}]
+        codes = []
+    prompt = build_prompt(
+        messages,
+        tokenizer,
+        AudioLayout.from_model_config(hf_config),
+        codes,
+        force_audio=not args.no_force_audio,
+    )
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    result = generate(
+        model, prompt, tokens, max_new_columns=args.max_new_columns, sampling=sampling, generator=generator
+    )
+
+    segments = [codes.numpy().astype(np.int16) for codes in result.audio_codes]
+    written = []
+    for i, codes in enumerate(segments):
+        path = args.out if i == 0 else args.out.with_suffix(f".{i}.npy")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, codes)
+        written.append(str(path))
+    if not segments:
+        print("the model generated no audio segment (see generated_text)", file=sys.stderr)
+    wav = None
+    if args.audio_decoder is not None and segments:
+        wav = args.out.with_suffix(".wav")
+        decode_with_boson(args.audio_decoder, segments, wav)
+    summary = {
+        "prompt_positions": len(prompt),
+        "generated_text": tokenizer.decode(result.text_ids.tolist()),
+        "generated_text_ids": result.text_ids.tolist(),
+        "segments": [list(codes.shape) for codes in segments],
+        "codes_files": written,
+        "wav": str(wav) if wav is not None else None,
+        "stopped_by": result.stopped_by,
+        "num_steps": result.num_steps,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
