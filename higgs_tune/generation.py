@@ -39,16 +39,19 @@ generator the samples are the same.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
 from higgs_tune.data.batch import IGNORE_INDEX, PackingSpec
-from higgs_tune.data.chatml import TokenizedSample, parse_sample, tokenize_sample
+from higgs_tune.data.chatml import AudioItem, TokenizedSample, parse_sample, tokenize_sample
 from higgs_tune.data.document import AudioLayout, DocStats, Document, build_document
+from higgs_tune.data.manifest import read_codes, resolve_codes_path
 from higgs_tune.data.packer import collate_rows
 from higgs_tune.data.tokenizer import HiggsTokenizer
 from higgs_tune.models.higgs_audio.config import HiggsAudioModelArgs
@@ -469,3 +472,71 @@ def generate(
         stopped_by=stopped_by,
         num_steps=step,
     )
+
+
+# ------------------------------------------------------------------------------------ held-out prompts
+@dataclass
+class HeldOutPrompt:
+    """A manifest sample split into the context to prompt with and the answer it should produce.
+
+    Attributes:
+        messages: the sample's messages before its last assistant turn.
+        context_codes: raw codes [K, T] of the audio items of ``messages``, in order.
+        reference_codes: raw codes [K, T] of the audio items of the last assistant turn (the answer).
+    """
+
+    messages: list[dict]
+    context_codes: list[np.ndarray]
+    reference_codes: list[np.ndarray]
+
+
+def held_out_prompt(manifest: str | Path, index: int) -> HeldOutPrompt:
+    """Sample ``index`` (0-based, blank lines skipped) of a JSONL manifest as a prompt and its answer.
+
+    Raises:
+        ValueError: the index is out of range, or the sample has no assistant turn after some context.
+    """
+    manifest = Path(manifest)
+    with open(manifest, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    if not 0 <= index < len(lines):
+        raise ValueError(f"index {index} is outside the {len(lines)} samples of {manifest}")
+    raw = json.loads(lines[index])
+    parse_sample(raw)  # validates the whole sample, naming the offending field
+    messages = list(raw["messages"])
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant_turns or assistant_turns[-1] == 0:
+        raise ValueError(f"{manifest} sample {index}: no assistant turn after some context to generate")
+    last = assistant_turns[-1]
+
+    def codes_of(selected: list[dict]) -> list[np.ndarray]:
+        sample = parse_sample({"messages": selected})
+        return [
+            read_codes(resolve_codes_path(manifest, item.codes_path))
+            for message in sample.messages
+            for item in message.items
+            if isinstance(item, AudioItem)
+        ]
+
+    return HeldOutPrompt(
+        messages=messages[:last],
+        context_codes=codes_of(messages[:last]),
+        reference_codes=codes_of(messages[: last + 1])[len(codes_of(messages[:last])) :],
+    )
+
+
+def code_accuracy(generated: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> float:
+    """Share of the reference's codes reproduced at the same (codebook, frame); frames generated beyond
+    the reference, or missing from it, count as wrong: matches / (K * max(T_generated, T_reference)).
+
+    Args:
+        generated: [K, T_generated]; reference: [K, T_reference].
+    """
+    generated, reference = torch.as_tensor(generated), torch.as_tensor(reference)
+    if generated.shape[0] != reference.shape[0]:
+        raise ValueError(
+            f"codebook counts differ: generated {tuple(generated.shape)}, reference {tuple(reference.shape)}"
+        )
+    overlap = min(generated.shape[1], reference.shape[1])
+    matches = (generated[:, :overlap].long() == reference[:, :overlap].long()).sum().item()
+    return matches / (reference.shape[0] * max(generated.shape[1], reference.shape[1], 1))

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +32,8 @@ from tqdm import tqdm
 from higgs_tune.config import validate_config
 from higgs_tune.data.dataset import build_dataloader
 from higgs_tune.data.document import AudioLayout
+from higgs_tune.evaluation import evaluate
+from higgs_tune.generation import GenerationTokens, build_prompt, code_accuracy, generate, held_out_prompt
 from higgs_tune.loss import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
 from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import save_hf_checkpoint
@@ -107,6 +110,18 @@ class HiggsFinetuneRecipe:
             world_size=self.dist.world_size,
             drop_last=True,
         )
+        self.val_loader = None
+        if self.val_set is not None:
+            self.val_loader = build_dataloader(
+                self.val_set,
+                self.spec,
+                seed=cfg.seed,
+                shuffle=False,
+                num_workers=cfg.get("num_workers", 0),
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                drop_last=False,
+            )
         batches_per_epoch = len(self.loader) // cfg.gradient_accumulation_steps
         if batches_per_epoch == 0:
             raise ValueError(
@@ -202,6 +217,9 @@ class HiggsFinetuneRecipe:
                         )
                         tokens_since_log, data_time = 0, 0.0
                         window_start = time.perf_counter()
+                    eval_every = cfg.get("eval_every_n_steps")
+                    if eval_every and self.step % eval_every == 0 and self.step != self.total_steps:
+                        self.validate()
                     if self.step % cfg.save_every_n_steps == 0 or self.step == self.total_steps:
                         self.save_checkpoint()
                     if self.step >= self.total_steps:
@@ -248,6 +266,56 @@ class HiggsFinetuneRecipe:
             first_steps=max(10, self.cfg.log_every_n_steps),
         )
         return record
+
+    # ------------------------------------------------------------------ validation / generation
+    def validate(self) -> None:
+        """Losses and teacher-forced accuracies on the held-out split, as token means over all of it."""
+        if self.val_loader is None:
+            return
+        group = dist.group.WORLD if self.dist.is_distributed else None
+        result = evaluate(self.model, self.val_loader, self.loss_fn, self.device, process_group=group)
+        payload = {
+            "val_loss": result["loss"],
+            "val_text_loss": result["text_loss"],
+            "val_audio_loss": result["audio_loss"],
+            "val_codebook_loss": result["codebook_losses"],
+            "val_text_accuracy": result["text_accuracy"],
+            "val_codebook_accuracy": result["codebook_accuracies"],
+        }
+        self.metric_logger.log_dict(payload, step=self.step)
+        self._log(
+            f"step {self.step}: validation loss {result['loss']:.4f} (audio {result['audio_loss']:.4f})"
+        )
+
+    def generate_held_out(self) -> None:
+        """Speak the first ``generation.num_prompts`` held-out prompts greedily (rank 0) and report how
+        many of the reference answer's codes the model reproduces."""
+        gen_cfg = self.cfg.get("generation")
+        if not self.dist.is_main or gen_cfg is None or not gen_cfg.get("num_prompts"):
+            return
+        layout = AudioLayout.from_model_config(self.model.args.to_hf_config())
+        tokens = GenerationTokens.from_tokenizer(self.tokenizer, self.model.args)
+        out_dir = self.output_dir / "generations"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        accuracies = []
+        was_training = self.model.training
+        self.model.eval()
+        for index in range(gen_cfg.num_prompts):
+            held_out = held_out_prompt(gen_cfg.manifest, index)
+            prompt = build_prompt(
+                held_out.messages, self.tokenizer, layout, held_out.context_codes, force_audio=True
+            )
+            result = generate(self.model, prompt, tokens, max_new_columns=gen_cfg.max_new_columns)
+            generated = result.audio_codes[0] if result.audio_codes else torch.zeros(layout.num_codebooks, 0)
+            np.save(out_dir / f"sample_{index:03d}.npy", generated.numpy().astype(np.int16))
+            accuracies.append(code_accuracy(generated, held_out.reference_codes[0]))
+        self.model.train(was_training)
+        mean = sum(accuracies) / len(accuracies)
+        self.metric_logger.log_dict(
+            {"generation_code_accuracy": mean, "generation_code_accuracy_per_prompt": accuracies},
+            step=self.step,
+        )
+        self._log(f"greedy generation of {len(accuracies)} held-out prompts: code accuracy {mean:.4f}")
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -328,6 +396,8 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe = HiggsFinetuneRecipe(cfg)
     recipe.setup()
     recipe.train()
+    recipe.validate()
+    recipe.generate_held_out()
     recipe.save_export()
     recipe.cleanup()
 

@@ -57,6 +57,8 @@ class BenchConfig:
     intermediate_size: int
     seq_len: int
     batch_size: int
+    text_ffn_capacity: int | None  # per-row capacities (higgs_tune/data/batch.py); None = seq_len
+    audio_ffn_capacity: int | None
     text_target_capacity: int
     audio_target_capacity: int
     num_samples: int  # synthetic samples generated (enough rows for warm-up + timed steps)
@@ -64,12 +66,14 @@ class BenchConfig:
 
 CONFIGS = {
     # CI smoke: tiny everything.
-    "small": BenchConfig(1024, 64, 2, 4, 2, 128, 256, 2, 64, 256, 48),
+    "small": BenchConfig(1024, 64, 2, 4, 2, 128, 256, 2, None, None, 64, 256, 48),
     # CPU, proportioned like 3B: the real 128256 vocabulary (the text head dominates naive trainers),
-    # head_dim 128 like 3B... too slow on 2 cores, so head_dim 64; FFN 2.67x hidden like 3B.
-    "cpu3b": BenchConfig(128256, 512, 4, 8, 2, 1376, 1024, 1, 128, 1024, 120),
+    # FFN 2.67x hidden like 3B; head_dim 64 and 4 layers so that a step takes seconds on 2 cores.
+    # Capacities sized for the synthetic mix (per row at most ~680 text / ~480 audio positions,
+    # ~60 text targets, ~310 audio-target columns).
+    "cpu3b": BenchConfig(128256, 512, 4, 8, 2, 1376, 1024, 1, 704, 512, 128, 384, 120),
     # The released 3B architecture (spec §1.1), one row of 2048 positions per step.
-    "3b": BenchConfig(128256, 3072, 28, 24, 8, 8192, 2048, 1, 256, 2048, 240),
+    "3b": BenchConfig(128256, 3072, 28, 24, 8, 8192, 2048, 1, 1408, 1024, 256, 768, 240),
 }
 
 # Peak dense bf16 tensor FLOP/s by device name (for MFU).
@@ -129,6 +133,8 @@ def build_rows(cfg: BenchConfig, data_dir: Path, args):
         seq_len=cfg.seq_len,
         batch_size=cfg.batch_size,
         audio_layout=layout,
+        text_ffn_capacity=cfg.text_ffn_capacity,
+        audio_ffn_capacity=cfg.audio_ffn_capacity,
         text_target_capacity=cfg.text_target_capacity,
         audio_target_capacity=cfg.audio_target_capacity,
     )

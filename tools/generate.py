@@ -36,47 +36,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from higgs_tune.data.chatml import AudioItem, parse_sample
 from higgs_tune.data.document import AudioLayout
-from higgs_tune.data.manifest import read_codes, resolve_codes_path
 from higgs_tune.data.tokenizer import HiggsTokenizer
-from higgs_tune.generation import GenerationTokens, SamplingConfig, build_prompt, generate
+from higgs_tune.generation import GenerationTokens, SamplingConfig, build_prompt, generate, held_out_prompt
 from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import read_hf_config
 
 DEFAULT_SYSTEM = "Generate audio following instruction."
 
 
-def read_manifest_sample(manifest: Path, index: int) -> dict:
-    """Sample ``index`` (0-based, blank lines skipped) of a JSONL manifest."""
-    with open(manifest, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    if not 0 <= index < len(lines):
-        raise SystemExit(f"--index {index} is outside the {len(lines)} samples of {manifest}")
-    return json.loads(lines[index])
-
-
 def manifest_prompt(manifest: Path, index: int, text: str | None) -> tuple[list[dict], list[np.ndarray]]:
-    """The context of sample ``index``: its messages before the last assistant turn, and their codes."""
-    raw = read_manifest_sample(manifest, index)
-    parse_sample(raw)  # validates the whole sample, naming the offending field
-    messages = list(raw["messages"])
-    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not assistant_turns or assistant_turns[-1] == 0:
-        raise SystemExit(f"{manifest} sample {index}: no assistant turn after some context to generate")
-    messages = messages[: assistant_turns[-1]]
+    """The context of sample ``index``: its messages before the last assistant turn, and their codes;
+    ``text`` replaces the text of the last user turn."""
+    try:
+        held_out = held_out_prompt(manifest, index)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    messages, codes = held_out.messages, held_out.context_codes
     if text is not None:
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if not users:
             raise SystemExit(f"{manifest} sample {index}: no user turn whose text --text could replace")
-        messages[users[-1]] = {"role": "user", "content": text}
-    kept = parse_sample({"messages": messages})
-    codes = [
-        read_codes(resolve_codes_path(manifest, item.codes_path))
-        for message in kept.messages
-        for item in message.items
-        if isinstance(item, AudioItem)
-    ]
+        messages = [*messages[: users[-1]], {"role": "user", "content": text}, *messages[users[-1] + 1 :]]
     return messages, codes
 
 

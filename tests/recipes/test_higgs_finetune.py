@@ -63,6 +63,7 @@ def recipe_command(output_dir: Path, synthetic: Path, *extra: str, nproc: int = 
         "dataset.text_target_capacity=64",
         "dataset.audio_target_capacity=256",
         "log_every_n_steps=1",
+        "generation.num_prompts=0",
         *extra,
     ]
 
@@ -77,8 +78,13 @@ def run_recipe(output_dir: Path, synthetic: Path, *extra: str, nproc: int = 1) -
     return result
 
 
-def read_metrics(output_dir: Path) -> list[dict]:
+def records_all(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """The training-step records (validation and generation records carry no "loss")."""
+    return [record for record in records_all(output_dir) if "loss" in record]
 
 
 def losses_by_step(output_dir: Path) -> dict[int, float]:
@@ -89,7 +95,15 @@ def losses_by_step(output_dir: Path) -> dict[int, float]:
 def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, synthetic: Path):
     out = tmp_path / "run"
     run_recipe(
-        out, synthetic, "max_steps=40", "batch_size=2", "optimizer.lr=0.01", "lr_scheduler.num_warmup_steps=5"
+        out,
+        synthetic,
+        "max_steps=40",
+        "batch_size=2",
+        "optimizer.lr=0.01",
+        "lr_scheduler.num_warmup_steps=5",
+        "eval_every_n_steps=20",
+        "generation.num_prompts=2",
+        "generation.max_new_columns=40",
     )
     records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(1, 41))
@@ -110,6 +124,12 @@ def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, syntheti
     assert last["loss"] < first["loss"]
     assert list((out / "logs").glob("events.out.tfevents.*"))
     assert (out / "config.yaml").is_file()
+    validation = [r for r in records_all(out) if "val_loss" in r]
+    assert [r["step"] for r in validation] == [20, 40]  # every eval_every_n_steps and at the end
+    assert len(validation[-1]["val_codebook_accuracy"]) == 8
+    generation = [r for r in records_all(out) if "generation_code_accuracy" in r]
+    assert len(generation) == 1 and len(generation[0]["generation_code_accuracy_per_prompt"]) == 2
+    assert len(list((out / "generations").glob("sample_*.npy"))) == 2
 
     # The export loads unchanged in Boson's own model class, with no missing or unexpected keys.
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
