@@ -540,3 +540,26 @@ def code_accuracy(generated: torch.Tensor | np.ndarray, reference: torch.Tensor 
     overlap = min(generated.shape[1], reference.shape[1])
     matches = (generated[:, :overlap].long() == reference[:, :overlap].long()).sum().item()
     return matches / (reference.shape[0] * max(generated.shape[1], reference.shape[1], 1))
+
+
+def held_out_speech_prompts(manifest: str | Path, count: int) -> list[HeldOutPrompt]:
+    """The first ``count`` samples of ``manifest`` whose answer (last assistant turn) is speech, in file
+    order; samples answered with text only are passed over.
+
+    Raises:
+        ValueError: the manifest has fewer than ``count`` such samples.
+    """
+    with open(manifest, encoding="utf-8") as f:
+        num_samples = sum(1 for line in f if line.strip())
+    prompts = []
+    for index in range(num_samples):
+        if len(prompts) == count:
+            break
+        held_out = held_out_prompt(manifest, index)
+        if held_out.reference_codes:
+            prompts.append(held_out)
+    if len(prompts) < count:
+        raise ValueError(
+            f"{manifest} has {len(prompts)} samples answered with speech, {count} were asked for"
+        )
+    return prompts

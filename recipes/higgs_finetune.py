@@ -17,6 +17,7 @@ Outputs (design.md §6): ``<output_dir>/logs`` (TensorBoard), ``<output_dir>/met
 
 from __future__ import annotations
 
+import resource
 import shutil
 import sys
 import time
@@ -33,7 +34,13 @@ from higgs_tune.config import validate_config
 from higgs_tune.data.dataset import build_dataloader
 from higgs_tune.data.document import AudioLayout
 from higgs_tune.evaluation import evaluate
-from higgs_tune.generation import GenerationTokens, build_prompt, code_accuracy, generate, held_out_prompt
+from higgs_tune.generation import (
+    GenerationTokens,
+    build_prompt,
+    code_accuracy,
+    generate,
+    held_out_speech_prompts,
+)
 from higgs_tune.loss import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
 from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import save_hf_checkpoint
@@ -54,7 +61,7 @@ from higgs_tune.training.checkpointing import (
     set_rng_state,
 )
 from higgs_tune.training.distributed import cleanup_distributed, init_distributed, resolve_device
-from higgs_tune.training.step import TrainStep, move_batch
+from higgs_tune.training.step import build_train_step, move_batch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -62,11 +69,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class HiggsFinetuneRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)  # one-line errors before any heavy work
-        if cfg.compile or cfg.cuda_graphs:
-            raise ValueError(
-                "compile=true / cuda_graphs=true: the compiled and CUDA-graph steps are not in this "
-                "version of the recipe yet; run with compile=false cuda_graphs=false"
-            )
         self.cfg = cfg
         self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist)
@@ -138,13 +140,17 @@ class HiggsFinetuneRecipe:
         self.lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps
         )
-        self.train_step = TrainStep(
+        # eager, compiled (torch.compile fullgraph) or replayed as a CUDA graph: same maths, same metrics.
+        step_mode = "cudagraph" if cfg.cuda_graphs else "compile" if cfg.compile else "eager"
+        self.train_step = build_train_step(
+            step_mode,
             self.model,
             self.loss_fn,
             self.optimizer,
             self.lr_scheduler,
             max_grad_norm=cfg.get("max_grad_norm", 1.0),
             process_group=dist.group.WORLD if self.dist.is_distributed else None,
+            **cfg.get("step_options", {}),
         )
         self.metric_logger = config.instantiate(cfg.metric_logger, rank=self.dist.rank)
         self.metric_logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))
@@ -205,13 +211,15 @@ class HiggsFinetuneRecipe:
                 tokens_since_log += int(batch["num_tokens"].sum())  # counted on the CPU: no device sync
                 micro_batches.append(move_batch(batch, self.device))
                 if len(micro_batches) == grad_accum:
+                    lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses (a copy: a tensor LR
+                    lr = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr  # changes in place)
                     metrics = self.train_step(micro_batches)
                     micro_batches = []
                     self.step += 1
                     progress.update(1)
                     if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
                         elapsed = time.perf_counter() - window_start
-                        record = self._log_metrics(metrics, tokens_since_log, elapsed, data_time)
+                        record = self._log_metrics(metrics, lr, tokens_since_log, elapsed, data_time)
                         progress.set_postfix(
                             loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}"
                         )
@@ -231,7 +239,12 @@ class HiggsFinetuneRecipe:
         progress.close()
 
     def _log_metrics(
-        self, metrics: dict[str, torch.Tensor], tokens: int, elapsed: float, data_time: float
+        self,
+        metrics: dict[str, torch.Tensor],
+        lr: float | torch.Tensor,
+        tokens: int,
+        elapsed: float,
+        data_time: float,
     ) -> dict:
         """Global values (summed over ranks: every loss term is already divided by the global count)."""
         summed = {k: v.detach().float().reshape(-1) for k, v in metrics.items() if k != "grad_norm"}
@@ -251,11 +264,12 @@ class HiggsFinetuneRecipe:
             "codebook_accuracy": summed["codebook_accuracies"],
             "num_text_targets": summed["num_text_targets"],
             "num_audio_targets": summed["num_audio_targets"],
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "grad_norm": metrics["grad_norm"],
             "tokens_per_sec": tokens / max(elapsed, 1e-9),
             "data_time_share": data_time / max(elapsed, 1e-9),
             "skipped_samples": self.data_stats["skipped_samples"],
+            "peak_memory_gib": peak_memory_gib(self.device),
         }
         record = self.metric_logger.log_dict(payload, step=self.step)
         # The "loss ~1e-3, silent output" fingerprint of a target leak, checked on the first logged steps.
@@ -300,8 +314,7 @@ class HiggsFinetuneRecipe:
         accuracies = []
         was_training = self.model.training
         self.model.eval()
-        for index in range(gen_cfg.num_prompts):
-            held_out = held_out_prompt(gen_cfg.manifest, index)
+        for index, held_out in enumerate(held_out_speech_prompts(gen_cfg.manifest, gen_cfg.num_prompts)):
             prompt = build_prompt(
                 held_out.messages, self.tokenizer, layout, held_out.context_codes, force_audio=True
             )
@@ -389,6 +402,13 @@ class HiggsFinetuneRecipe:
     def _log(self, message: str) -> None:
         if self.dist.is_main:
             print(message, file=sys.stderr, flush=True)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA max allocated, or the CPU's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 @config.parse

@@ -17,9 +17,11 @@ samples, step for step:
 Reported per side: tokens/s (non-padding positions of the step / median step time), the median step
 time over ``--steps`` steps after ``--warmup`` steps, peak memory, and on CUDA the MFU (PaLM: 6·N·tokens
 plus attention 12·layers·hidden·seq_len·tokens, N = matmul parameters one token uses: attention, ONE of
-the two FFNs, the text and audio heads). Peak memory: on CPU each side runs in its own subprocess and
-reads ``getrusage(RUSAGE_SELF).ru_maxrss`` (so one side's allocations never count for the other); on
-CUDA both sides run in one process and read ``torch.cuda.max_memory_allocated`` after a reset.
+the two FFNs, the text and audio heads). On CPU both sides run in ONE process with their steps interleaved (a CPU
+shared with other work slows both alike) for the times; peak memory comes from one fresh subprocess per
+side (``getrusage(RUSAGE_SELF).ru_maxrss`` after one warm-up and one timed step, so one side's
+allocations never count for the other). On CUDA the sides run one after the other in one process (two
+3B models do not fit one card together), memory from ``torch.cuda.max_memory_allocated`` after a reset.
 """
 
 from __future__ import annotations
@@ -343,29 +345,34 @@ def model_flops_per_token(cfg: BenchConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def run_side(side: str, cli) -> dict[str, Any]:
+def prepare_side(side: str, cli):
+    """(step function, its batches, non-padding positions per step) of one side."""
     cfg = CONFIGS[cli.config]
     device = torch.device(cli.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cli.dtype]
     args = model_args(cfg)
     dataset, layout = build_rows(cfg, Path(cli.data_dir), args)
     steps = step_rows(dataset, cli.warmup + cli.steps, cfg.batch_size)
-    ours = our_batches(dataset, steps)
-    tokens = [int(b["num_tokens"].sum()) for b in ours]
     if side == "ours":
-        run, batches = make_our_step(args, device, dtype, cli.mode, cli.our_optimizer), ours
-    else:
-        run, batches = make_reference_step(args, device, dtype), reference_batches(dataset, steps, layout)
-        special = dataset.tokenizer.special
-        # Boson's merged length: real text tokens, each audio placeholder replaced by its columns.
-        tokens = [
-            int(b.attention_mask.sum())
-            - int(((b.input_ids == special.audio_in) | (b.input_ids == special.audio_out)).sum())
-            + b.audio_in_ids.shape[1]
-            + b.audio_out_ids.shape[1]
-            for b in batches
-        ]
-    result = time_side(run, batches, cli.warmup, device)
+        batches = our_batches(dataset, steps)
+        tokens = [int(b["num_tokens"].sum()) for b in batches]
+        return make_our_step(args, device, dtype, cli.mode, cli.our_optimizer), batches, tokens
+    batches = reference_batches(dataset, steps, layout)
+    special = dataset.tokenizer.special
+    # Boson's merged length: real text tokens, each audio placeholder replaced by its columns.
+    tokens = [
+        int(b.attention_mask.sum())
+        - int(((b.input_ids == special.audio_in) | (b.input_ids == special.audio_out)).sum())
+        + b.audio_in_ids.shape[1]
+        + b.audio_out_ids.shape[1]
+        for b in batches
+    ]
+    return make_reference_step(args, device, dtype), batches, tokens
+
+
+def finish_side(result: dict[str, Any], tokens: list[int], cli) -> dict[str, Any]:
+    """Add tokens/s, peak memory (this process) and MFU to a :func:`time_side` result."""
+    device = torch.device(cli.device)
     timed_tokens = statistics.median(tokens[cli.warmup :])
     result["tokens_per_step"] = timed_tokens
     result["tokens_per_s"] = timed_tokens / result["step_s"]
@@ -376,8 +383,33 @@ def run_side(side: str, cli) -> dict[str, Any]:
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         result["device_name"] = name
         if peak is not None:
-            result["mfu"] = model_flops_per_token(cfg) * result["tokens_per_s"] / peak
+            result["mfu"] = model_flops_per_token(CONFIGS[cli.config]) * result["tokens_per_s"] / peak
     return result
+
+
+def run_side(side: str, cli) -> dict[str, Any]:
+    run, batches, tokens = prepare_side(side, cli)
+    return finish_side(time_side(run, batches, cli.warmup, torch.device(cli.device)), tokens, cli)
+
+
+def run_interleaved(cli) -> dict[str, Any]:
+    """Both sides in this process, their steps alternating (reference step i, our step i, ...), so a
+    CPU shared with other work slows both alike. Peak RSS here counts both: not reported."""
+    prepared = {side: prepare_side(side, cli) for side in ("reference", "ours")}
+    times: dict[str, list[float]] = {side: [] for side in prepared}
+    losses: dict[str, list[float]] = {side: [] for side in prepared}
+    for i in range(cli.warmup + cli.steps):
+        for side, (run, batches, _) in prepared.items():
+            start = time.perf_counter()
+            losses[side].append(float(run(batches[i])))
+            if i >= cli.warmup:
+                times[side].append(time.perf_counter() - start)
+    results = {}
+    for side, (_, _, tokens) in prepared.items():
+        result = {"step_s": statistics.median(times[side]), "step_times": times[side], "losses": losses[side]}
+        results[side] = finish_side(result, tokens, cli)
+        del results[side]["peak_rss_gib"]
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -421,7 +453,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 gc.collect()  # the side's model, optimizer and compiled graphs go before the next
                 torch.cuda.empty_cache()
         else:
-            result = {side: run_in_subprocess(side, cli, argv) for side in ("reference", "ours")}
+            # Times from one process, steps interleaved; peak RSS from one fresh process per side
+            # (one warm-up + one timed step: the optimizer state exists after the first step).
+            # The subprocesses run FIRST: Linux carries a parent's ru_maxrss high-water mark into the
+            # children it spawns, so they must start while this process is still small.
+            isolated = {
+                side: run_in_subprocess(side, cli, steps=1, warmup=1) for side in ("reference", "ours")
+            }
+            result = run_interleaved(cli)
+            for side in ("reference", "ours"):
+                result[side]["peak_rss_gib"] = isolated[side]["peak_rss_gib"]
     if cli.side == "both":
         result["ratio"] = {
             "tokens_per_s": result["ours"]["tokens_per_s"] / result["reference"]["tokens_per_s"],
@@ -442,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def run_in_subprocess(side: str, cli, argv: list[str] | None) -> dict[str, Any]:
+def run_in_subprocess(side: str, cli, steps: int, warmup: int) -> dict[str, Any]:
     """Run one side in a fresh interpreter (its own peak RSS); returns its result dict."""
     command = [
         sys.executable,
@@ -458,9 +499,9 @@ def run_in_subprocess(side: str, cli, argv: list[str] | None) -> dict[str, Any]:
         "--mode",
         cli.mode,
         "--steps",
-        str(cli.steps),
+        str(steps),
         "--warmup",
-        str(cli.warmup),
+        str(warmup),
         "--data-dir",
         cli.data_dir,
         "--our-optimizer",

@@ -113,6 +113,7 @@ def chunked_text_cross_entropy(
     chunk_size: int,
     label_smoothing: float = 0.0,
     with_z: bool = True,
+    checkpoint_chunks: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums of text CE, squared logsumexp and argmax hits over valid targets, chunk by chunk.
 
@@ -128,6 +129,9 @@ def chunked_text_cross_entropy(
         chunk_size: rows per chunk (>= 1).
         label_smoothing: as in ``F.cross_entropy``.
         with_z: compute the squared-logsumexp sum (else ``z_sum`` is 0).
+        checkpoint_chunks: recompute each fp32 chunk in the backward (the memory saving). ``False`` for
+            ``torch.func`` transforms, which do not support the checkpoint's saved-tensor hooks; the
+            chunks' fp32 logits are then kept for the backward.
 
     Returns:
         (ce_sum [], z_sum [], hits []) — ``hits`` is a detached fp32 count of argmax == target.
@@ -147,14 +151,21 @@ def chunked_text_cross_entropy(
     for logits_chunk, targets_chunk in zip(
         torch.split(text_logits, chunk_size), torch.split(text_targets, chunk_size)
     ):
-        chunk_ce, chunk_z = checkpoint(
-            _cross_entropy_and_z_sums,
-            logits_chunk,
-            targets_chunk,
-            label_smoothing,
-            with_z,
-            use_reentrant=False,
-        )
+        if checkpoint_chunks:
+            # No random ops inside: skipping the RNG-state stash keeps it CUDA-graph capturable.
+            chunk_ce, chunk_z = checkpoint(
+                _cross_entropy_and_z_sums,
+                logits_chunk,
+                targets_chunk,
+                label_smoothing,
+                with_z,
+                use_reentrant=False,
+                preserve_rng_state=False,
+            )
+        else:
+            chunk_ce, chunk_z = _cross_entropy_and_z_sums(
+                logits_chunk, targets_chunk, label_smoothing, with_z
+            )
         ce_sum = ce_sum + chunk_ce
         z_sum = z_sum + chunk_z
     # argmax of the model-dtype logits equals argmax of their exact fp32 upcast: no fp32 copy needed.
@@ -237,6 +248,9 @@ class AlignedLoss(nn.Module):
         text_chunk_size: gathered text positions per fp32 chunk of the text CE. One chunk's transient
             is about 3 x chunk x V x 4 bytes in the backward (fp32 logits, log-probs, gradient): 375 MiB
             for 256 x 128256.
+        checkpoint_text_chunks: recompute each text chunk's fp32 logits in the backward (default). Set
+            False for ``torch.func`` transforms (functional step, per-sample scores), which do not support
+            activation checkpoints.
 
     Call: ``loss_fn(outputs, batch, num_text_targets_global=None, num_audio_targets_global=None)``;
     see :meth:`forward`.
@@ -250,6 +264,7 @@ class AlignedLoss(nn.Module):
         label_smoothing: float = 0.0,
         z_loss_weight: float = 0.0,
         text_chunk_size: int = 256,
+        checkpoint_text_chunks: bool = True,
     ) -> None:
         super().__init__()
         if codebook_reduction not in CODEBOOK_REDUCTIONS:
@@ -278,13 +293,15 @@ class AlignedLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.z_loss_weight = float(z_loss_weight)
         self.text_chunk_size = int(text_chunk_size)
+        self.checkpoint_text_chunks = bool(checkpoint_text_chunks)
 
     def extra_repr(self) -> str:
         weights = None if self.codebook_weights is None else self.codebook_weights.tolist()
         return (
             f"text_weight={self.text_weight}, codebook_weights={weights}, "
             f"codebook_reduction={self.codebook_reduction!r}, label_smoothing={self.label_smoothing}, "
-            f"z_loss_weight={self.z_loss_weight}, text_chunk_size={self.text_chunk_size}"
+            f"z_loss_weight={self.z_loss_weight}, text_chunk_size={self.text_chunk_size}, "
+            f"checkpoint_text_chunks={self.checkpoint_text_chunks}"
         )
 
     def _combine_codebooks(self, per_codebook: torch.Tensor) -> torch.Tensor:
@@ -369,6 +386,7 @@ class AlignedLoss(nn.Module):
             self.text_chunk_size,
             self.label_smoothing,
             with_z=self.z_loss_weight > 0.0,
+            checkpoint_chunks=self.checkpoint_text_chunks,
         )
         audio_ce_sums, audio_z_sums, audio_hits = audio_cross_entropy(
             audio_logits.flatten(0, 1),

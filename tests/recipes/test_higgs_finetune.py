@@ -114,6 +114,7 @@ def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, syntheti
         "tokens_per_sec",
         "data_time_share",
         "skipped_samples",
+        "peak_memory_gib",
     ):
         assert key in records[-1], key
     assert len(records[-1]["codebook_loss"]) == 8
@@ -184,3 +185,37 @@ def test_sigkill_and_resume_continues_the_loss_curve_exactly(tmp_path: Path, syn
     expected, resumed = losses_by_step(reference), losses_by_step(killed)
     assert sorted(resumed) == list(range(1, 17))
     assert resumed == expected  # exact
+
+
+def test_a_user_copy_of_recipe_and_config_runs_after_editing(tmp_path: Path, synthetic: Path):
+    """How users work: `tune cp` the recipe and a config, edit them, run the copy."""
+    work = tmp_path / "my_project"
+    work.mkdir()
+    for name, dest in (("higgs_finetune", "my_finetune.py"), ("cpu_tiny", "my_config.yaml")):
+        copied = subprocess.run([TUNE, "cp", name, dest], cwd=work, env=ENV, capture_output=True, text=True)
+        assert copied.returncode == 0, copied.stderr
+    config = (work / "my_config.yaml").read_text()
+    # another LR schedule: torchtune's constant schedule with warm-up instead of the cosine one
+    config = config.replace(
+        "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+        "torch.optim.lr_scheduler.ConstantLR",
+    ).replace("  num_warmup_steps: 20", "  factor: 0.5\n  total_iters: 2")
+    (work / "my_config.yaml").write_text(config)
+    recipe = (work / "my_finetune.py").read_text()
+    recipe = recipe.replace(
+        "cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps",
+        "cfg.lr_scheduler, self.optimizer",
+    )
+    (work / "my_finetune.py").write_text(recipe)
+
+    out = work / "out"
+    args = recipe_command(out, synthetic, "max_steps=3", "batch_size=2")
+    args[args.index("recipes/higgs_finetune")] = "my_finetune.py"
+    args[args.index("configs/cpu_tiny.yaml")] = "my_config.yaml"
+    tokenizer = REPO / "higgs_tune" / "assets" / "tiny_tokenizer" / "tokenizer.json"
+    result = subprocess.run(
+        [*args, f"tokenizer.path={tokenizer}"], cwd=work, env=ENV, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lrs = [record["lr"] for record in read_metrics(out)]
+    assert lrs == pytest.approx([1.5e-3, 1.5e-3, 3.0e-3])  # ConstantLR: halved for 2 steps, then full

@@ -14,10 +14,12 @@ def test_bench_small_reports_both_sides(capsys):
     for side in ("reference", "ours"):
         figures = result[side]
         assert figures["step_s"] > 0 and math.isfinite(figures["tokens_per_s"])
+        assert len(figures["step_times"]) == 2  # --small: 1 warm-up + 2 timed steps, interleaved
         assert figures["peak_rss_gib"] > 0
         assert all(math.isfinite(loss) for loss in figures["losses"])
         # The same samples on both sides: the first losses of two random models agree to within a few nats.
         assert 5.0 < figures["losses"][0] < 30.0
+    # Counted independently (our num_tokens vs Boson's merged length): both sides see the same positions.
     assert result["ours"]["tokens_per_step"] == result["reference"]["tokens_per_step"]
     assert set(result["ratio"]) == {"tokens_per_s", "step_time", "peak_memory"}
     assert "| ours / reference |" in capsys.readouterr().out

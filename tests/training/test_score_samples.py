@@ -3,6 +3,8 @@ equal those of plain autograd on each sample alone, and a trained model ranks a 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -29,10 +31,10 @@ def one_document_rows(manifest, model):
     return score_samples.one_document_rows(manifest, tokenizer, layout, seq_len=256)
 
 
-def test_vmap_scores_equal_autograd_per_sample(tmp_path, monkeypatch):
+def test_vmap_scores_equal_autograd_per_sample(tmp_path):
     manifest = make_manifest(tmp_path, num_samples=6)
     model = tiny_model()
-    loss_fn = transform_safe_loss(monkeypatch)
+    loss_fn = transform_safe_loss()
     entries, rows = one_document_rows(manifest, model)
     names = score_samples.select_parameters(model, "audio")
     assert names and all("audio" in n for n in names)
@@ -47,32 +49,41 @@ def test_vmap_scores_equal_autograd_per_sample(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_trained_model_ranks_the_broken_sample_first(tmp_path, monkeypatch):
-    manifest = make_manifest(tmp_path, num_samples=48, seed=1)
-    # Break one TTS sample: its speech codes replaced by noise (codes of no utterance).
-    lines = manifest.read_text().splitlines()
-    broken_line = next(i for i, line in enumerate(lines) if '"tts"' in line and i > 10)
-    import json
-
-    sample = json.loads(lines[broken_line])
-    codes_path = manifest.parent / sample["messages"][-1]["content"]["audio_codes"]
-    codes = np.load(codes_path)
-    np.save(codes_path, np.random.default_rng(0).integers(0, 1024, codes.shape).astype(codes.dtype))
-
+def test_trained_model_ranks_the_broken_sample_first(tmp_path):
+    """A model fit to a clean set; then one sample's speech codes are replaced by noise (codes that no
+    longer match its text, in a file of its own: other samples may share the original file, e.g. as a
+    voice-clone reference). Scoring the set ranks that sample first."""
+    manifest = make_manifest(tmp_path, num_samples=32, seed=1)
     model = tiny_model()
-    loss_fn = transform_safe_loss(monkeypatch)
+    loss_fn = transform_safe_loss()
     optimizer = build_optimizer(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
     step = build_train_step("eager", model, loss_fn, optimizer)
-    batches = real_batches(manifest, model, 10)
-    for _ in range(5):  # 50 optimizer steps over 10 micro-batches
+    batches = real_batches(manifest, model, 6)
+    for _ in range(25):  # 150 optimizer steps over 6 micro-batches
         for batch in batches:
             step([batch])
 
+    lines = manifest.read_text().splitlines()
+    broken_line = next(i for i, line in enumerate(lines) if '"tts"' in line and i > 10)
+    sample = json.loads(lines[broken_line])
+    speech = sample["messages"][-1]["content"]
+    codes = np.load(manifest.parent / speech["audio_codes"])
+    noise = np.random.default_rng(0).integers(0, 1024, codes.shape).astype(codes.dtype)
+    np.save(manifest.parent / "broken.npy", noise)
+    speech["audio_codes"] = "broken.npy"
+    lines[broken_line] = json.dumps(sample)
+    manifest.write_text("\n".join(lines) + "\n")
+
     entries, rows = one_document_rows(manifest, model)
     audio_params = score_samples.select_parameters(model, "audio")
-    scores = score_samples.rank(entries, rows, model, loss_fn, audio_params, sort="audio_loss")
+    scores = score_samples.rank(entries, rows, model, loss_fn, audio_params, chunk_size=16, sort="audio_loss")
     top = [(s.location.rsplit(":", 1)[1], round(s.audio_loss, 2), round(s.grad_norm, 2)) for s in scores[:4]]
     assert scores[0].location == f"{manifest}:{broken_line + 1}", top
-    assert scores[0].audio_loss > scores[1].audio_loss + 0.2, top
-    by_gradient = score_samples.rank(entries, rows, model, loss_fn, audio_params, sort="grad_norm")
-    assert by_gradient[0].location == scores[0].location, top
+    assert scores[0].audio_loss > scores[1].audio_loss + 1.0, top
+    # It also pulls the audio adapter among the hardest (gradient norms compare across sample kinds less
+    # well than audio losses: a transcription sample's text error can pull harder).
+    by_gradient = score_samples.rank(
+        entries, rows, model, loss_fn, audio_params, chunk_size=16, sort="grad_norm"
+    )
+    gradient_top = [(s.location.rsplit(":", 1)[1], round(s.grad_norm, 2)) for s in by_gradient[:3]]
+    assert scores[0].location in [s.location for s in by_gradient[:3]], gradient_top

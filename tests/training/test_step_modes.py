@@ -131,10 +131,10 @@ def run_steps_counting(mode, batches, loss_fn, backend, frames_after):
 
 
 @pytest.mark.slow
-def test_functional_matches_eager(batches, monkeypatch):
+def test_functional_matches_eager(batches):
     torch._dynamo.reset()
     counters.clear()
-    loss_fn = transform_safe_loss(monkeypatch)
+    loss_fn = transform_safe_loss()
     reference = run_steps("eager", batches, loss_fn)
     candidate = run_steps("functional", batches, loss_fn)
     assert_same_training(reference, candidate)
@@ -142,7 +142,7 @@ def test_functional_matches_eager(batches, monkeypatch):
 
 
 def test_functional_eager_transform_matches_eager(batches, monkeypatch):
-    loss_fn = transform_safe_loss(monkeypatch)
+    loss_fn = transform_safe_loss()
     reference = run_steps("eager", batches[: 2 * ACCUMULATION], loss_fn)
     candidate = run_steps("functional", batches[: 2 * ACCUMULATION], loss_fn, backend=None)
     assert_same_training(reference, candidate)

@@ -55,16 +55,6 @@ def real_batches(manifest: Path, model: torch.nn.Module, count: int) -> list[dic
     return batches
 
 
-def transform_safe_loss(monkeypatch, **kwargs) -> aligned_loss.AlignedLoss:
-    """AlignedLoss usable under torch.func (no saved-tensor hooks).
-
-    With the loss's ``checkpoint_text_chunks`` switch when it exists; until then the text-chunk
-    checkpoint is replaced, for this test only, by a direct call (same values, more memory).
-    """
-    try:
-        return aligned_loss.AlignedLoss(checkpoint_text_chunks=False, **kwargs)
-    except TypeError:
-        monkeypatch.setattr(
-            aligned_loss, "checkpoint", lambda fn, *args, use_reentrant: fn(*args), raising=True
-        )
-        return aligned_loss.AlignedLoss(**kwargs)
+def transform_safe_loss(**kwargs) -> aligned_loss.AlignedLoss:
+    """AlignedLoss usable under torch.func (no activation checkpoint, so no saved-tensor hooks)."""
+    return aligned_loss.AlignedLoss(checkpoint_text_chunks=False, **kwargs)
