@@ -160,55 +160,31 @@ def our_batches(dataset, steps: list[list[int]]) -> list[dict[str, torch.Tensor]
 def reference_batches(dataset, steps: list[list[int]], layout) -> list[Any]:
     """Boson's collated batches of the same samples: every document of the step's rows, one per row of
     Boson's batch, right-padded to the longest (round_to 8), as Boson's training collator does."""
-    import transformers
-    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
-    from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
+    from higgs_tune.boson_reference import boson_dataset_sample, boson_tokenizer, boson_training_collator
 
-    boson_tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json")
-    )
+    tokenizer = boson_tokenizer(TOKENIZER_DIR / "tokenizer.json")
     special = dataset.tokenizer.special
-    collator = HiggsAudioSampleCollator(
-        whisper_processor=None,
+    collator = boson_training_collator(
         audio_in_token_id=special.audio_in,
         audio_out_token_id=special.audio_out,
         pad_token_id=special.pad,
-        audio_stream_bos_id=layout.stream_bos_id,
-        audio_stream_eos_id=layout.stream_eos_id,
-        round_to=8,
-        pad_left=False,
-        encode_whisper_embed=False,
-        return_audio_in_tokens=True,
-        audio_num_codebooks=layout.num_codebooks,
-        use_delay_pattern=layout.use_delay_pattern,
-        mask_audio_out_token_label=True,
+        layout=layout,
     )
 
-    def boson_sample(entry) -> ChatMLDatasetSample:
+    def boson_sample(entry):
         with open(entry.manifest, "rb") as f:
             f.seek(entry.byte_offset)
             sample = json.loads(f.readline())
-        codes = []
-        for message in sample["messages"]:
-            content = message["content"]
-            for item in content if isinstance(content, list) else [content]:
-                if isinstance(item, dict) and item.get("type") == "audio":
-                    codes.append(np.load(entry.manifest.parent / item["audio_codes"]))
-                    item["audio_url"] = item.pop("audio_codes")
-        input_tokens, label_tokens, _, _ = prepare_chatml_sample(sample, boson_tokenizer)
-        if input_tokens is None:
-            raise ValueError(f"{entry.location}: Boson's prepare_chatml_sample rejected the sample")
-        lengths = [c.shape[1] for c in codes]
-        return ChatMLDatasetSample(
-            input_ids=torch.tensor(input_tokens, dtype=torch.long),
-            label_ids=torch.tensor(label_tokens, dtype=torch.long),
-            audio_ids_concat=torch.from_numpy(np.concatenate(codes, axis=1)).long(),
-            audio_ids_start=torch.tensor(np.cumsum([0] + lengths[:-1]), dtype=torch.long),
-            audio_waveforms_concat=torch.tensor([]),
-            audio_waveforms_start=torch.tensor([], dtype=torch.long),
-            audio_sample_rate=torch.tensor([]),
-            audio_speaker_indices=torch.tensor([], dtype=torch.long),
-        )
+        codes = [
+            np.load(entry.manifest.parent / item["audio_codes"])
+            for message in sample["messages"]
+            for item in (message["content"] if isinstance(message["content"], list) else [message["content"]])
+            if isinstance(item, dict) and item.get("type") == "audio"
+        ]
+        try:
+            return boson_dataset_sample(sample, codes, tokenizer, layout.num_codebooks)
+        except ValueError as error:
+            raise ValueError(f"{entry.location}: {error}") from None
 
     return [
         collator([boson_sample(dataset.entries[i]) for r in rows for i in dataset.rows[r]]) for rows in steps
@@ -272,6 +248,7 @@ def make_our_step(args, device: torch.device, dtype: torch.dtype, mode: str, opt
 def make_reference_step(args, device: torch.device, dtype: torch.dtype):
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
 
+    from higgs_tune.boson_reference import boson_model_inputs
     from higgs_tune.loss.reference import reference_loss
 
     config = HiggsAudioConfig(**args.to_hf_config())
@@ -282,17 +259,7 @@ def make_reference_step(args, device: torch.device, dtype: torch.dtype):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
     def run(batch) -> torch.Tensor:
-        inputs = dict(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            audio_in_ids=batch.audio_in_ids,
-            audio_in_ids_start=batch.audio_in_ids_start,
-            audio_out_ids=batch.audio_out_ids,
-            audio_out_ids_start=batch.audio_out_ids_start,
-            label_ids=batch.label_ids,
-            label_audio_ids=batch.label_audio_ids,
-        )
-        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        inputs = boson_model_inputs(batch, device)
         out = model(**inputs)
         loss = reference_loss(
             out.logits,

@@ -18,19 +18,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sample_strategies import TINY_TOKENIZER, chatml_samples, codes_in_order
 
+from higgs_tune import boson_reference as reference
 from higgs_tune.data.batch import IGNORE_INDEX
 from higgs_tune.data.chatml import SampleError, tokenize_sample
 from higgs_tune.data.document import AudioLayout, build_document
 from higgs_tune.data.tokenizer import HiggsTokenizer
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 pytest.importorskip("boson_multimodal")
-from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator  # noqa: E402
-from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample  # noqa: E402
+from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample  # noqa: E402
 from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features  # noqa: E402
 
 TOKENIZER = HiggsTokenizer.from_path(TINY_TOKENIZER)
-BOSON_TOKENIZER = transformers.PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER / "tokenizer.json"))
+BOSON_TOKENIZER = reference.boson_tokenizer(TINY_TOKENIZER / "tokenizer.json")
 SPECIAL = TOKENIZER.special
 LAYOUTS = {
     "delay_k8": AudioLayout(num_codebooks=8, use_delay_pattern=True),
@@ -38,55 +38,17 @@ LAYOUTS = {
 }
 
 
-def to_boson_sample(sample: dict) -> dict:
-    """Our sample dict in Boson's ChatML form: audio items carry the codes path as ``audio_url``."""
-    boson = copy.deepcopy(sample)
-    for message in boson["messages"]:
-        content = message["content"]
-        items = content if isinstance(content, list) else [content]
-        for item in items:
-            if isinstance(item, dict) and item.get("type") == "audio":
-                item["audio_url"] = item.pop("audio_codes")
-    return boson
+def boson_dataset_sample(sample: dict, codes: list[np.ndarray], num_codebooks: int):
+    return reference.boson_dataset_sample(sample, codes, BOSON_TOKENIZER, num_codebooks)
 
 
-def boson_dataset_sample(sample: dict, codes: list[np.ndarray], num_codebooks: int) -> ChatMLDatasetSample:
-    input_tokens, label_tokens, audio_contents, _ = prepare_chatml_sample(
-        to_boson_sample(sample), BOSON_TOKENIZER
-    )
-    assert input_tokens is not None, "prepare_chatml_sample rejected the sample"
-    assert len(audio_contents) == len(codes)
-    lengths = [c.shape[1] for c in codes]
-    return ChatMLDatasetSample(
-        input_ids=torch.tensor(input_tokens, dtype=torch.long),
-        label_ids=torch.tensor(label_tokens, dtype=torch.long),
-        audio_ids_concat=torch.from_numpy(np.concatenate(codes, axis=1))
-        if codes
-        else torch.zeros(num_codebooks, 0, dtype=torch.long),
-        audio_ids_start=torch.tensor(np.cumsum([0] + lengths[:-1]) if codes else [], dtype=torch.long),
-        audio_waveforms_concat=torch.tensor([]),
-        audio_waveforms_start=torch.tensor([], dtype=torch.long),
-        audio_sample_rate=torch.tensor([]),
-        audio_speaker_indices=torch.tensor([], dtype=torch.long),
-    )
-
-
-def boson_collator(layout: AudioLayout) -> HiggsAudioSampleCollator:
+def boson_collator(layout: AudioLayout):
     """The collator with the 3B training settings of spec §5.3 (ids from the tokenizer, by name)."""
-    return HiggsAudioSampleCollator(
-        whisper_processor=None,
+    return reference.boson_training_collator(
         audio_in_token_id=SPECIAL.audio_in,
         audio_out_token_id=SPECIAL.audio_out,
         pad_token_id=SPECIAL.pad,
-        audio_stream_bos_id=layout.stream_bos_id,
-        audio_stream_eos_id=layout.stream_eos_id,
-        round_to=8,
-        pad_left=False,
-        encode_whisper_embed=False,
-        return_audio_in_tokens=True,
-        audio_num_codebooks=layout.num_codebooks,
-        use_delay_pattern=layout.use_delay_pattern,
-        mask_audio_out_token_label=True,
+        layout=layout,
     )
 
 
@@ -229,7 +191,7 @@ def test_nothing_to_train_is_exactly_boson_all_masked(sample_and_codes):
     sample["start_index"] = len(sample["messages"]) - 1
     sample["messages"][-1]["role"] = "user"
     sample["messages"][-1].pop("recipient", None)
-    _, boson_labels, _, _ = prepare_chatml_sample(to_boson_sample(sample), BOSON_TOKENIZER)
+    _, boson_labels, _, _ = prepare_chatml_sample(reference.to_boson_sample(sample), BOSON_TOKENIZER)
     boson_has_labels = any(label != IGNORE_INDEX for label in boson_labels)
     if boson_has_labels:
         tokenize_sample(sample, TOKENIZER)
@@ -284,16 +246,7 @@ def test_merge_harness_is_what_the_boson_model_does(samples_and_codes):
     batch = boson_collator(layout)(boson_samples)
     merged = boson_merge(batch, layout.num_codebooks)
     with torch.no_grad():
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            audio_in_ids=batch.audio_in_ids,
-            audio_in_ids_start=batch.audio_in_ids_start,
-            audio_out_ids=batch.audio_out_ids,
-            audio_out_ids_start=batch.audio_out_ids_start,
-            label_ids=batch.label_ids,
-            label_audio_ids=batch.label_audio_ids,
-        )
+        out = model(**reference.boson_model_inputs(batch))
     assert torch.equal(out.expanded_input_ids, merged["tokens"])
     assert torch.equal(out.expanded_labels, merged["labels"])
     assert torch.equal(out.audio_in_mask, merged["audio_in_mask"])

@@ -7,7 +7,6 @@ the manifest (sum of per-document CE sums / total counts).
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import shutil
@@ -19,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from higgs_tune import boson_reference as reference
 from higgs_tune.data.batch import IGNORE_INDEX, PackingSpec
 from higgs_tune.data.dataset import build_dataloader, build_higgs_dataset
+from higgs_tune.data.document import AudioLayout
 from higgs_tune.data.manifest import read_codes, resolve_codes_path
 from higgs_tune.data.tokenizer import HiggsTokenizer
 from higgs_tune.evaluation import evaluate
@@ -29,17 +30,15 @@ from higgs_tune.loss.reference import reference_loss
 from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir, higgs_audio_tiny
 from higgs_tune.models.higgs_audio.checkpoint import save_model
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 pytest.importorskip("boson_multimodal")
-from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator  # noqa: E402
-from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample  # noqa: E402
 from boson_multimodal.model.higgs_audio import HiggsAudioModel as BosonModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
 TINY_TOKENIZER = REPO / "higgs_tune" / "assets" / "tiny_tokenizer"
 SHARPNESS = 20.0
-BOSON_TOKENIZER = transformers.PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER / "tokenizer.json"))
+BOSON_TOKENIZER = reference.boson_tokenizer(TINY_TOKENIZER / "tokenizer.json")
 
 
 def load_tool(name: str):
@@ -67,23 +66,24 @@ def setup(tmp_path_factory):
     return root, checkpoint, boson
 
 
-def boson_collator(model) -> HiggsAudioSampleCollator:
+def boson_collator(model):
     config = model.config
-    return HiggsAudioSampleCollator(
-        whisper_processor=None,
+    return reference.boson_training_collator(
         audio_in_token_id=config.audio_in_token_idx,
         audio_out_token_id=config.audio_out_token_idx,
         pad_token_id=config.pad_token_id,
-        audio_stream_bos_id=config.audio_stream_bos_id,
-        audio_stream_eos_id=config.audio_stream_eos_id,
-        round_to=8,
-        pad_left=False,
-        encode_whisper_embed=False,
-        return_audio_in_tokens=True,
-        audio_num_codebooks=config.audio_num_codebooks,
-        use_delay_pattern=config.use_delay_pattern,
-        mask_audio_out_token_label=True,
+        layout=AudioLayout.from_model_config(config.to_dict()),
     )
+
+
+def audio_paths(sample: dict) -> list[str]:
+    """The ``audio_codes`` paths of a sample's audio items, in order of appearance."""
+    return [
+        item["audio_codes"]
+        for message in sample["messages"]
+        for item in (message["content"] if isinstance(message["content"], list) else [message["content"]])
+        if isinstance(item, dict) and item.get("type") == "audio"
+    ]
 
 
 def boson_reference_totals(boson, manifest: Path) -> dict:
@@ -94,43 +94,12 @@ def boson_reference_totals(boson, manifest: Path) -> dict:
     audio_sum, audio_count = np.zeros(num_codebooks), np.zeros(num_codebooks, dtype=np.int64)
     for line in manifest.read_text().splitlines():
         sample = json.loads(line)
-        codes = []
-        boson_sample = copy.deepcopy(sample)
-        for message in boson_sample["messages"]:
-            content = message["content"]
-            for item in content if isinstance(content, list) else [content]:
-                if isinstance(item, dict) and item.get("type") == "audio":
-                    codes.append(
-                        read_codes(resolve_codes_path(manifest, item["audio_codes"])).astype(np.int64)
-                    )
-                    item["audio_url"] = item.pop("audio_codes")
-        input_tokens, label_tokens, _, _ = prepare_chatml_sample(boson_sample, BOSON_TOKENIZER)
-        lengths = [c.shape[1] for c in codes]
-        batch = collator(
-            [
-                ChatMLDatasetSample(
-                    input_ids=torch.tensor(input_tokens, dtype=torch.long),
-                    label_ids=torch.tensor(label_tokens, dtype=torch.long),
-                    audio_ids_concat=torch.from_numpy(np.concatenate(codes, axis=1)),
-                    audio_ids_start=torch.tensor(np.cumsum([0] + lengths[:-1]), dtype=torch.long),
-                    audio_waveforms_concat=torch.tensor([]),
-                    audio_waveforms_start=torch.tensor([], dtype=torch.long),
-                    audio_sample_rate=torch.tensor([]),
-                    audio_speaker_indices=torch.tensor([], dtype=torch.long),
-                )
-            ]
-        )
+        codes = [
+            read_codes(resolve_codes_path(manifest, path)).astype(np.int64) for path in audio_paths(sample)
+        ]
+        batch = collator([reference.boson_dataset_sample(sample, codes, BOSON_TOKENIZER, num_codebooks)])
         with torch.no_grad():
-            out = boson(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                audio_in_ids=batch.audio_in_ids,
-                audio_in_ids_start=batch.audio_in_ids_start,
-                audio_out_ids=batch.audio_out_ids,
-                audio_out_ids_start=batch.audio_out_ids_start,
-                label_ids=batch.label_ids,
-                label_audio_ids=batch.label_audio_ids,
-            )
+            out = boson(**reference.boson_model_inputs(batch))
         ref = reference_loss(
             out.logits,
             out.expanded_labels,

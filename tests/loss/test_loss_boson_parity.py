@@ -13,13 +13,18 @@ the per-token means over the micro-batch must be the same numbers.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sample_strategies import TINY_TOKENIZER, chatml_samples, codes_in_order
 
+from higgs_tune.boson_reference import (
+    boson_dataset_sample,
+    boson_model_inputs,
+    boson_tokenizer,
+    boson_training_collator,
+)
 from higgs_tune.data.batch import PackingSpec
 from higgs_tune.data.chatml import tokenize_sample
 from higgs_tune.data.document import AudioLayout, build_document
@@ -28,14 +33,12 @@ from higgs_tune.data.tokenizer import HiggsTokenizer
 from higgs_tune.loss import AlignedLoss, reference_loss
 from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 pytest.importorskip("boson_multimodal")
-from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator  # noqa: E402
-from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample  # noqa: E402
 from higgs_model_testing import boson_config, boson_model  # noqa: E402
 
 TOKENIZER = HiggsTokenizer.from_path(TINY_TOKENIZER)
-BOSON_TOKENIZER = transformers.PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER / "tokenizer.json"))
+BOSON_TOKENIZER = boson_tokenizer(TINY_TOKENIZER / "tokenizer.json")
 LAYOUT = AudioLayout()
 TOLERANCE = 1e-5
 
@@ -54,65 +57,17 @@ def models(tmp_path_factory):
     return boson, ours
 
 
-def boson_sample(sample: dict, codes: list[np.ndarray]) -> ChatMLDatasetSample:
-    boson_dict = {
-        **sample,
-        "messages": [{**m, "content": _with_audio_url(m["content"])} for m in sample["messages"]],
-    }
-    input_ids, label_ids, audio_contents, _ = prepare_chatml_sample(boson_dict, BOSON_TOKENIZER)
-    assert input_ids is not None and len(audio_contents) == len(codes)
-    lengths = [c.shape[1] for c in codes]
-    return ChatMLDatasetSample(
-        input_ids=torch.tensor(input_ids),
-        label_ids=torch.tensor(label_ids),
-        audio_ids_concat=torch.from_numpy(np.concatenate(codes, 1)) if codes else torch.zeros(8, 0).long(),
-        audio_ids_start=torch.tensor(np.cumsum([0, *lengths[:-1]]) if codes else [], dtype=torch.long),
-        audio_waveforms_concat=torch.tensor([]),
-        audio_waveforms_start=torch.tensor([], dtype=torch.long),
-        audio_sample_rate=torch.tensor([]),
-        audio_speaker_indices=torch.tensor([], dtype=torch.long),
-    )
-
-
-def _with_audio_url(content):
-    items = content if isinstance(content, list) else [content]
-    converted = [
-        {"type": "audio", "audio_url": item["audio_codes"]}
-        if isinstance(item, dict) and item.get("type") == "audio"
-        else item
-        for item in items
-    ]
-    return converted if isinstance(content, list) else converted[0]
-
-
-def boson_reference(boson, samples: list[ChatMLDatasetSample]):
+def boson_reference(boson, samples: list):
     special = TOKENIZER.special
-    collator = HiggsAudioSampleCollator(
-        whisper_processor=None,
+    collator = boson_training_collator(
         audio_in_token_id=special.audio_in,
         audio_out_token_id=special.audio_out,
         pad_token_id=special.pad,
-        audio_stream_bos_id=LAYOUT.stream_bos_id,
-        audio_stream_eos_id=LAYOUT.stream_eos_id,
-        round_to=8,
-        pad_left=False,
-        encode_whisper_embed=False,
-        return_audio_in_tokens=True,
-        audio_num_codebooks=LAYOUT.num_codebooks,
-        use_delay_pattern=True,
-        mask_audio_out_token_label=True,
+        layout=LAYOUT,
     )
     batch = collator(samples)
     with torch.no_grad():
-        out = boson(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            audio_in_ids=batch.audio_in_ids,
-            audio_in_ids_start=batch.audio_in_ids_start,
-            audio_out_ids=batch.audio_out_ids,
-            audio_out_ids_start=batch.audio_out_ids_start,
-            label_ids=batch.label_ids,
-        )
+        out = boson(**boson_model_inputs(batch))
     num_out = batch.audio_out_ids.shape[1] if batch.audio_out_ids is not None else 0
     audio_logits = out.audio_logits if num_out else torch.zeros(0, 8, 1026)
     label_audio_ids = batch.label_audio_ids if num_out else torch.zeros(8, 0, dtype=torch.long)
@@ -144,7 +99,7 @@ def test_loss_components_equal_the_reference_on_boson_outputs(models, samples):
     for sample, codes_by_path in samples:
         codes = codes_in_order(sample, codes_by_path)
         documents.append(build_document(tokenize_sample(sample, TOKENIZER), codes, LAYOUT))
-        reference_samples.append(boson_sample(sample, codes))
+        reference_samples.append(boson_dataset_sample(sample, codes, BOSON_TOKENIZER, LAYOUT.num_codebooks))
 
     expected, num_text, num_audio = boson_reference(boson, reference_samples)
     got = our_loss(ours, documents)
