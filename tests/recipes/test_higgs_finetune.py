@@ -63,6 +63,12 @@ def recipe_command(output_dir: Path, synthetic: Path, *extra: str, nproc: int = 
         "dataset.text_target_capacity=64",
         "dataset.audio_target_capacity=256",
         "log_every_n_steps=1",
+        "compile=false",  # eager here: each run would otherwise pay the compile warm-up
+        # the smallest model (the demo's is bigger): these tests check the recipe, not the demo's quality
+        "model.hidden_size=64",
+        "model.num_layers=2",
+        "model.head_dim=16",
+        "model.intermediate_size=128",
         "generation.num_prompts=0",
         *extra,
     ]
