@@ -61,6 +61,7 @@ from higgs_tune.training.checkpointing import (
     set_rng_state,
 )
 from higgs_tune.training.distributed import cleanup_distributed, init_distributed, resolve_device
+from higgs_tune.training.flops import mfu
 from higgs_tune.training.step import build_train_step, move_batch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -271,6 +272,11 @@ class HiggsFinetuneRecipe:
             "skipped_samples": self.data_stats["skipped_samples"],
             "peak_memory_gib": peak_memory_gib(self.device),
         }
+        utilisation = mfu(
+            self.model.args, self.spec.seq_len, payload["tokens_per_sec"], self.device, self.dist.world_size
+        )
+        if utilisation is not None:  # CUDA cards with a known peak only
+            payload["mfu"] = utilisation
         record = self.metric_logger.log_dict(payload, step=self.step)
         # The "loss ~1e-3, silent output" fingerprint of a target leak, checked on the first logged steps.
         warn_if_implausibly_low(

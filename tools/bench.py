@@ -78,9 +78,6 @@ CONFIGS = {
     "3b": BenchConfig(128256, 3072, 28, 24, 8, 8192, 2048, 1, 1408, 1024, 256, 768, 240),
 }
 
-# Peak dense bf16 tensor FLOP/s by device name (for MFU).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
 
 # ------------------------------------------------------------------------------------------ set-up
 def model_args(cfg: BenchConfig):
@@ -298,19 +295,6 @@ def time_side(run, batches, warmup: int, device: torch.device) -> dict[str, Any]
     return result
 
 
-def matmul_params_per_token(cfg: BenchConfig) -> int:
-    """N of the PaLM formula: attention + one FFN per layer + text and audio heads (no embeddings)."""
-    head_dim = cfg.hidden_size // cfg.num_heads
-    attention = cfg.hidden_size * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    ffn = 3 * cfg.hidden_size * cfg.intermediate_size
-    heads = cfg.hidden_size * (cfg.vocab_size + 8 * 1026)
-    return cfg.num_layers * (attention + ffn) + heads
-
-
-def model_flops_per_token(cfg: BenchConfig) -> float:
-    return 6 * matmul_params_per_token(cfg) + 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_len
-
-
 # ------------------------------------------------------------------------------------------ driver
 def prepare_side(side: str, cli):
     """(step function, its batches, non-padding positions per step) of one side."""
@@ -346,11 +330,13 @@ def finish_side(result: dict[str, Any], tokens: list[int], cli) -> dict[str, Any
     if device.type != "cuda":
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     else:
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        result["device_name"] = name
-        if peak is not None:
-            result["mfu"] = model_flops_per_token(CONFIGS[cli.config]) * result["tokens_per_s"] / peak
+        from higgs_tune.training.flops import mfu
+
+        cfg = CONFIGS[cli.config]
+        result["device_name"] = torch.cuda.get_device_name(device)
+        value = mfu(model_args(cfg), cfg.seq_len, result["tokens_per_s"], device)
+        if value is not None:
+            result["mfu"] = value
     return result
 
 
