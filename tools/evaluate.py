@@ -35,18 +35,6 @@ from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import read_hf_config
 
 
-def load_tokenizer(tokenizer_path: Path | None, checkpoint: Path) -> HiggsTokenizer:
-    """The tokenizer given, else the one saved in the checkpoint directory (an error naming both if absent)."""
-    path = tokenizer_path if tokenizer_path is not None else checkpoint
-    if not (path.is_file() or (path / "tokenizer.json").is_file()):
-        raise SystemExit(
-            f"no tokenizer.json at {path}; the checkpoint directory holds none, pass --tokenizer PATH"
-            if tokenizer_path is None
-            else f"no tokenizer.json at {path}"
-        )
-    return HiggsTokenizer.from_path(path)
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -77,7 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or default_device())
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     hf_config = read_hf_config(args.checkpoint)
-    tokenizer = load_tokenizer(args.tokenizer, args.checkpoint)
+    try:
+        tokenizer = HiggsTokenizer.for_checkpoint(args.checkpoint, args.tokenizer)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
     tokenizer.check_against_model_config(hf_config)
     layout = AudioLayout.from_model_config(hf_config)
 

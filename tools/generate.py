@@ -148,10 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     hf_config = read_hf_config(args.checkpoint)
-    tokenizer_path = args.tokenizer if args.tokenizer is not None else args.checkpoint
-    if not (tokenizer_path.is_file() or (tokenizer_path / "tokenizer.json").is_file()):
-        raise SystemExit(f"no tokenizer.json at {tokenizer_path}; pass --tokenizer PATH")
-    tokenizer = HiggsTokenizer.from_path(tokenizer_path)
+    try:
+        tokenizer = HiggsTokenizer.for_checkpoint(args.checkpoint, args.tokenizer)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
     model = from_checkpoint_dir(args.checkpoint, dtype=dtype, device=device).eval()
     tokens = GenerationTokens.from_tokenizer(tokenizer, model.args)
 

@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> list[SampleScore]:
     from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
 
     model = from_checkpoint_dir(cli.checkpoint_dir, dtype=torch.float32, device=cli.device)
-    tokenizer_path = cli.tokenizer or cli.checkpoint_dir / "tokenizer.json"
-    tokenizer = HiggsTokenizer.from_path(str(tokenizer_path))
+    tokenizer = HiggsTokenizer.for_checkpoint(cli.checkpoint_dir, cli.tokenizer)
     config = model.args.to_hf_config()
     tokenizer.check_against_model_config(config)
     entries, rows = one_document_rows(

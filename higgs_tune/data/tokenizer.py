@@ -108,6 +108,21 @@ class HiggsTokenizer:
             raise FileNotFoundError(f"no tokenizer.json at {path}")
         return cls(Tokenizer.from_file(str(file)), source=str(file))
 
+    @classmethod
+    def for_checkpoint(
+        cls, checkpoint_dir: str | Path, tokenizer: str | Path | None = None
+    ) -> HiggsTokenizer:
+        """``tokenizer`` (a file or folder) if given, else the ``tokenizer.json`` an export keeps next to its
+        weights; ``FileNotFoundError`` naming the path otherwise."""
+        if tokenizer is not None:
+            return cls.from_path(tokenizer)
+        try:
+            return cls.from_path(checkpoint_dir)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no tokenizer.json at {checkpoint_dir}; the checkpoint directory holds none, pass --tokenizer PATH"
+            ) from None
+
     @property
     def vocab_size(self) -> int:
         """Number of ids including the added special tokens (1024 for the tiny tokenizer, 128256 for Llama-3)."""

@@ -118,6 +118,13 @@ def test_from_path_accepts_file_or_directory(tmp_path):
         HiggsTokenizer.from_path(tmp_path)
 
 
+def test_for_checkpoint_prefers_the_given_tokenizer_then_the_export(tmp_path):
+    assert HiggsTokenizer.for_checkpoint(tmp_path, TINY_TOKENIZER).special == TOKENIZER.special
+    assert HiggsTokenizer.for_checkpoint(TINY_TOKENIZER).special == TOKENIZER.special
+    with pytest.raises(FileNotFoundError, match="checkpoint directory holds none, pass --tokenizer PATH"):
+        HiggsTokenizer.for_checkpoint(tmp_path)
+
+
 def test_missing_special_token_is_named(tmp_path):
     data = json.loads((TINY_TOKENIZER / "tokenizer.json").read_text())
     for token in data["added_tokens"]:
