@@ -8,7 +8,9 @@ Both sides train the SAME architecture (one HF ``config.json`` dict builds both 
 samples, step for step:
 
 * ours: the packed static batch (``higgs_tune.data``), :class:`higgs_tune.models.higgs_audio.model.
-  HiggsAudioModel`, the aligned loss, AdamW, in the step mode ``--mode`` (``compile`` by default);
+  HiggsAudioModel`, the aligned loss, AdamW (``--our-optimizer``: torch AdamW, fused, torchao's 8-bit,
+  or bf16 moments), in the step mode ``--mode`` (``compile`` by default; ``optimizer_in_backward``:
+  per-parameter AdamW stepped inside the backward, decoder blocks and loss compiled, no clipping);
 * reference: Boson's ``HiggsAudioModel`` forward (eager, SDPA attention) on Boson's collated inputs of
   the very samples packed into our step's rows (``prepare_chatml_sample`` + ``HiggsAudioSampleCollator``,
   padded to the longest sample), Boson's reference loss (``higgs_tune.loss.reference.reference_loss``,
@@ -198,6 +200,8 @@ def optimizer_kind(mode: str, device: torch.device, options: dict[str, Any]) -> 
     with the tensor LR on the device.
     """
     cuda = device.type == "cuda"
+    if mode == "optimizer_in_backward":  # one optimizer per parameter, stepped eagerly inside backward
+        return {"in_backward": True, "implementation": "fused"} if cuda else {"in_backward": True}
     compiled_optimizer = mode == "compile" and options.get("compile_optimizer", True)
     captured_optimizer = mode == "cudagraph" and options.get("capture_optimizer", False)
     if compiled_optimizer or captured_optimizer:
@@ -232,9 +236,18 @@ def make_our_step(args, device: torch.device, dtype: torch.dtype, mode: str, opt
                 f"--our-optimizer adamw8bit takes none of {sorted(kind)} (mode {mode} on {device})"
             )
         kind["name"] = "adamw8bit"
+    elif optimizer_name == "adamw_bf16":
+        if kind.get("capturable") or kind.get("implementation"):
+            raise ValueError(
+                f"--our-optimizer adamw_bf16 has its own update kernel (mode {mode} on {device})"
+            )
+        kind["moment_dtype"] = "bf16"
     optimizer = build_optimizer(model.parameters(), lr=1e-5, **kind)
     loss_fn = AlignedLoss(text_chunk_size=1024)
-    step = build_train_step(mode, model, loss_fn, optimizer, None, max_grad_norm=1.0, **options)
+    # Optimizer-in-backward cannot clip the global norm (each parameter is updated before the next
+    # gradient exists): it runs unclipped; the reference clips at 1.0.
+    max_grad_norm = None if mode == "optimizer_in_backward" else 1.0
+    step = build_train_step(mode, model, loss_fn, optimizer, None, max_grad_norm=max_grad_norm, **options)
 
     def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return step([{k: v.to(device, non_blocking=True) for k, v in batch.items()}])["loss"]
@@ -373,16 +386,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 CPU, bf16 CUDA"
     )
-    parser.add_argument("--mode", choices=["eager", "compile", "cudagraph"], default="compile")
+    parser.add_argument(
+        "--mode", choices=["eager", "compile", "cudagraph", "optimizer_in_backward"], default="compile"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--data-dir", default=None, help="synthetic data (made there if missing)")
     parser.add_argument("--side", choices=["ours", "reference", "both"], default="both")
     parser.add_argument(
         "--our-optimizer",
-        choices=["adamw", "adamw_fused", "adamw8bit"],
+        choices=["adamw", "adamw_fused", "adamw8bit", "adamw_bf16"],
         default="adamw",
-        help="our side's optimizer (the reference always runs torch.optim.AdamW, fused on CUDA)",
+        help="our side's optimizer: torch AdamW (default kernel / fused), torchao AdamW8bit, or AdamW with "
+        "bf16 moments (AdamWBF16Moments); the reference always runs torch.optim.AdamW, fused on CUDA",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

@@ -3,11 +3,14 @@
     python tools/optimizer_memory.py                 # CPU: peak RSS of each variant in its own process
     python tools/optimizer_memory.py --device cuda   # CUDA: torch.cuda.max_memory_allocated
 
-Variants (parameter dtype / optimizer): fp32 AdamW, fp32 AdamW8bit (torchao), bf16 AdamW (bf16 moments),
-bf16 + fp32 master weights + AdamW (fp32 moments and update), bf16 AdamW8bit. Each runs
-``--steps`` eager training steps of the model of ``tools/bench.py --config <config>`` on one packed
-batch, in a fresh interpreter (so one variant's memory never counts for another), and reports its peak
-memory, the memory right after building the model (the baseline) and the difference.
+Variants (parameter dtype / optimizer / step): fp32 AdamW, fp32 AdamW8bit (torchao), fp32 AdamW with bf16
+moments (``moment_dtype: bf16``), fp32 AdamW (fp32 or bf16 moments) in backward (step mode
+``optimizer_in_backward``, each gradient freed after its parameter's update; no clipping), bf16 AdamW
+(bf16 moments), bf16 + fp32 master weights + AdamW (fp32 moments and update), bf16 AdamW8bit. Each runs
+``--steps`` training steps (eager model: no compilation) of the model of ``tools/bench.py --config
+<config>`` on one packed batch, in a fresh interpreter (so one variant's memory never counts for
+another), and reports its peak memory, the memory right after building the model (the baseline) and the
+difference.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {
+IN_BACKWARD = dict(in_backward=True)
+VARIANTS = {  # name: (parameter dtype, build_optimizer options)
     "fp32_adamw": ("fp32", dict(name="adamw")),
     "fp32_adamw8bit": ("fp32", dict(name="adamw8bit")),
+    "fp32_adamw_bf16_moments": ("fp32", dict(name="adamw", moment_dtype="bf16")),
+    "fp32_adamw_in_backward": ("fp32", dict(name="adamw", **IN_BACKWARD)),
+    "fp32_adamw_bf16_moments_in_backward": ("fp32", dict(name="adamw", moment_dtype="bf16", **IN_BACKWARD)),
     "bf16_adamw": ("bf16", dict(name="adamw")),
     "bf16_master_adamw": ("bf16", dict(name="adamw", master_weights=True)),
     "bf16_adamw8bit": ("bf16", dict(name="adamw8bit")),
@@ -63,7 +70,19 @@ def measure(variant: str, config: str, steps: int, device: torch.device, data_di
     num_params = sum(p.numel() for p in model.parameters())
     after_model = peak_gib(device)
     optimizer = build_optimizer(model.parameters(), lr=1e-5, **optimizer_options)
-    step = build_train_step("eager", model, AlignedLoss(), optimizer)
+    if optimizer_options.get("in_backward"):  # eager blocks and loss, as the other variants
+        step = build_train_step(
+            "optimizer_in_backward",
+            model,
+            AlignedLoss(),
+            optimizer,
+            None,
+            None,
+            compile_blocks=False,
+            compile_loss=False,
+        )
+    else:
+        step = build_train_step("eager", model, AlignedLoss(), optimizer)
     losses = [float(step([batch])["loss"]) for _ in range(steps)]
     peak = peak_gib(device)
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from training_testing import load_tool
 
 
@@ -23,3 +24,16 @@ def test_bench_small_reports_both_sides(capsys):
     assert result["ours"]["tokens_per_step"] == result["reference"]["tokens_per_step"]
     assert set(result["ratio"]) == {"tokens_per_s", "step_time", "peak_memory"}
     assert "| ours / reference |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_small_runs_optimizer_in_backward_with_bf16_moments(capsys):
+    bench = load_tool("bench")
+    result = bench.main(["--small", "--mode", "optimizer_in_backward", "--our-optimizer", "adamw_bf16"])
+    assert result["settings"]["mode"] == "optimizer_in_backward"
+    assert result["settings"]["our_optimizer"] == "adamw_bf16"
+    ours = result["ours"]
+    assert ours["peak_rss_gib"] > 0 and math.isfinite(ours["tokens_per_s"])
+    assert len(ours["losses"]) == 3 and all(math.isfinite(loss) for loss in ours["losses"])
+    assert abs(ours["losses"][0] - result["reference"]["losses"][0]) < 5.0  # same samples, same init scale
+    assert "`optimizer_in_backward` with adamw_bf16" in capsys.readouterr().out
