@@ -8,10 +8,29 @@ the training set) and ``DIR/codes/*.npy`` (int16 arrays [8, T]), in the manifest
 The audio is a deterministic function of the text and the speaker, so a model has to read the text to
 "speak" it and has to look at the reference audio to clone a voice:
 
-- every word of a small fixed vocabulary owns a fixed sequence of 2..4 frames of 8 codebook ids (a
-  seeded table); a sentence's codes are its words' frames, concatenated;
+- a sentence is 3..8 DIFFERENT words of a fixed 20-word vocabulary (:data:`WORDS`);
+- every word owns a fixed sequence of 2..4 frames of 8 codebook ids (a seeded table); a sentence's codes
+  are its words' frames, concatenated, so words last different times, as in speech;
 - codebooks 0..3 depend on the words only; codebooks 4..7 are shifted by a per-speaker offset, so the
   voice lives in the fine codebooks. Same text + same speaker -> the same codes, always.
+
+Why this shape (the demo, configs/cpu_tiny.yaml, trains a 4-layer model for a few CPU minutes and then
+greedy generation must reproduce held-out sentences):
+
+- every word is ONE token of the project's tiny tokenizer, at the start of a sentence and after a space
+  (``a`` -> ``a``, `` a`` -> ``Ġa``), so text position and word are the same thing;
+- no word occurs twice in a sentence, so "the word after the one I am speaking" names one text token: at
+  the end of a word the next word can be found by content (an induction-style lookup: the token that
+  follows the current word's token); with repeated words that lookup is ambiguous;
+- within each codebook every (word, frame) entry of the table has its own code (drawn without
+  replacement), so one code tells which word and which of its frames is being spoken. With codes drawn
+  independently, some words share a code (60 entries among 1024 ids collide with probability ~0.8) and
+  the model cannot tell which of them it is speaking.
+
+Held-out sentences are new combinations (and orders) of the same words: generalising means reading the
+text, not remembering sentences. Hence the default of 8000 training samples (about 3 epochs in the demo's
+1000 steps): with 2000 the tiny model reaches training accuracy 1.0 on codebook 0 while the held-out
+accuracy stays at 0.995, and one wrong word at a boundary derails the rest of a generated sentence.
 
 Sample kinds (mixed deterministically by the seed):
 
@@ -41,10 +60,10 @@ SAMPLE_KINDS = ("tts", "multi_turn", "voice_clone", "audio_in", "transcribe")
 # Relative frequency of each kind, same order as SAMPLE_KINDS.
 SAMPLE_KIND_WEIGHTS = (0.4, 0.15, 0.2, 0.15, 0.1)
 
-WORDS = (
-    "the a one two three red blue green small big old new cat dog bird fish tree house car boat "
-    "sun moon star sees finds likes runs sits jumps sings near under over and with very happy slow fast"
-).split()
+# One token each of higgs_tune/assets/tiny_tokenizer, alone and after a space (tests/data/test_tools.py).
+WORDS = "a all and are as at for he in is it listen loud one or rain ten to up us".split()
+MIN_WORDS, MAX_WORDS = 3, 8  # words per sentence (all different)
+MIN_FRAMES, MAX_FRAMES = 2, 4  # frames per word
 
 
 class SyntheticVoice:
@@ -56,10 +75,18 @@ class SyntheticVoice:
 
     def __init__(self, seed: int) -> None:
         rng = np.random.default_rng([seed, 1])
-        self.word_frames: dict[str, np.ndarray] = {}
-        for word in WORDS:
-            num_frames = int(rng.integers(2, 5))
-            self.word_frames[word] = rng.integers(0, CODEBOOK_SIZE, size=(NUM_CODEBOOKS, num_frames))
+        num_frames = rng.integers(MIN_FRAMES, MAX_FRAMES + 1, size=len(WORDS))
+        # [8, sum(num_frames)]: in each codebook, a different code for every (word, frame) entry
+        table = np.stack(
+            [
+                rng.choice(CODEBOOK_SIZE, size=int(num_frames.sum()), replace=False)
+                for _ in range(NUM_CODEBOOKS)
+            ]
+        )
+        ends = np.cumsum(num_frames)
+        self.word_frames: dict[str, np.ndarray] = {
+            word: table[:, end - count : end] for word, count, end in zip(WORDS, num_frames, ends)
+        }
         self.speaker_offsets = rng.integers(1, CODEBOOK_SIZE, size=(NUM_SPEAKERS, NUM_CODEBOOKS))
         self.speaker_offsets[0] = 0  # speaker 0 is the plain table
         self.speaker_offsets[:, : VOICE_CODEBOOKS.start] = 0  # coarse codebooks carry the words only
@@ -81,8 +108,9 @@ class SyntheticVoice:
 
 
 def random_sentence(rng: np.random.Generator) -> str:
-    """3..8 words from the fixed vocabulary."""
-    return " ".join(rng.choice(WORDS, size=int(rng.integers(3, 9))))
+    """MIN_WORDS..MAX_WORDS different words of the fixed vocabulary, in random order."""
+    num_words = int(rng.integers(MIN_WORDS, MAX_WORDS + 1))
+    return " ".join(rng.choice(WORDS, size=num_words, replace=False))
 
 
 class SampleWriter:
@@ -206,7 +234,7 @@ def make_synthetic(out_dir: Path, num_samples: int, num_val: int, seed: int) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--num-samples", type=int, default=2000, help="training samples (default 2000)")
+    parser.add_argument("--num-samples", type=int, default=8000, help="training samples (default 8000)")
     parser.add_argument("--num-val", type=int, default=50, help="held-out validation samples (default 50)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -220,12 +220,46 @@ def test_make_synthetic_is_deterministic_and_learnable(tmp_path):
 
     # Same words -> same frames: the table is shared, so a word's frames recur wherever it is spoken.
     np.testing.assert_array_equal(
-        voice.codes("red cat", 0)[:, : voice.word_frames["red"].shape[1]], voice.word_frames["red"]
+        voice.codes("rain up", 0)[:, : voice.word_frames["rain"].shape[1]], voice.word_frames["rain"]
     )
-    assert not np.array_equal(voice.codes("red cat", 1), voice.codes("red cat", 2))  # voices differ
+    assert not np.array_equal(voice.codes("rain up", 1), voice.codes("rain up", 2))  # voices differ
     np.testing.assert_array_equal(
-        voice.codes("red cat", 1)[:4], voice.codes("red cat", 2)[:4]
+        voice.codes("rain up", 1)[:4], voice.codes("rain up", 2)[:4]
     )  # words do not
+
+
+def test_make_synthetic_text_and_codes_can_be_aligned(tmp_path):
+    """The properties that make the demo's held-out sentences learnable (make_synthetic's docstring): one
+    token per word wherever it stands, no word twice in a sentence, one (word, frame) per code."""
+    from higgs_tune.data.tokenizer import HiggsTokenizer
+
+    make_synthetic = load_tool("make_synthetic")
+    tokenizer = HiggsTokenizer.from_path(TINY_TOKENIZER)
+    for word in make_synthetic.WORDS:
+        assert len(tokenizer.encode(word)) == 1 and len(tokenizer.encode(" " + word)) == 1, word
+    make_synthetic.make_synthetic(tmp_path, num_samples=60, num_val=10, seed=5)
+    sentences = []
+    for split in ("train", "val"):
+        for line in (tmp_path / f"{split}.jsonl").read_text().splitlines():
+            for message in json.loads(line)["messages"]:
+                content = message["content"]
+                for item in content if isinstance(content, list) else [content]:
+                    if isinstance(item, dict) and item["type"] == "audio":
+                        sentences.append(item["audio_url"].split("/", 3)[-1].split())
+    assert sentences
+    for words in sentences:
+        assert make_synthetic.MIN_WORDS <= len(words) <= make_synthetic.MAX_WORDS
+        assert len(set(words)) == len(words), words
+        assert len(tokenizer.encode(" ".join(words))) == len(words), words  # one text token per word
+
+    voice = make_synthetic.SyntheticVoice(5)
+    table = np.concatenate(list(voice.word_frames.values()), axis=1)  # [8, all (word, frame) entries]
+    lengths = {frames.shape[1] for frames in voice.word_frames.values()}
+    assert (
+        lengths <= set(range(make_synthetic.MIN_FRAMES, make_synthetic.MAX_FRAMES + 1)) and len(lengths) > 1
+    )
+    for codebook in table:
+        assert len(set(codebook.tolist())) == table.shape[1]  # every code names one word and frame
 
 
 def test_packing_report_figures(tmp_path, capsys):

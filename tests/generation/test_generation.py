@@ -19,22 +19,16 @@ ends inside the <= 40 generated columns.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from higgs_tune.data.chatml import parse_sample
-from higgs_tune.data.document import AudioLayout, segment_input_codes
-from higgs_tune.data.tokenizer import HiggsTokenizer
+from higgs_tune.data.document import segment_input_codes
 from higgs_tune.generation import (
     DelayState,
     GenerationError,
-    GenerationTokens,
     SamplingConfig,
     build_prompt,
     force_delay_pattern,
@@ -43,13 +37,22 @@ from higgs_tune.generation import (
     segment_codes,
     warp_logits,
 )
-from higgs_tune.models.higgs_audio.builders import higgs_audio_tiny, tiny_model_args
+from higgs_tune.models.higgs_audio.builders import higgs_audio_tiny
 from higgs_tune.models.higgs_audio.checkpoint import save_model
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 pytest.importorskip("boson_multimodal")
-from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator  # noqa: E402
-from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample  # noqa: E402
+from boson_generation import (  # noqa: E402
+    BOS,
+    EOS,
+    LAYOUT,
+    TOKENIZER,
+    TOKENS,
+    K,
+    boson_full_prefix_generate,
+    boson_generate_speech,
+    boson_prompt_inputs,
+)
 from boson_multimodal.model.higgs_audio import HiggsAudioModel as BosonModel  # noqa: E402
 from boson_multimodal.model.higgs_audio import utils as boson_utils  # noqa: E402
 from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
@@ -59,13 +62,6 @@ from transformers.generation.logits_process import (  # noqa: E402
     TopPLogitsWarper,
 )
 
-TINY_TOKENIZER = Path(__file__).resolve().parents[2] / "higgs_tune" / "assets" / "tiny_tokenizer"
-TOKENIZER = HiggsTokenizer.from_path(TINY_TOKENIZER)
-BOSON_TOKENIZER = transformers.PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER / "tokenizer.json"))
-LAYOUT = AudioLayout()
-K = LAYOUT.num_codebooks
-BOS, EOS = LAYOUT.stream_bos_id, LAYOUT.stream_eos_id
-TOKENS = GenerationTokens.from_tokenizer(TOKENIZER, tiny_model_args())
 MAX_NEW_COLUMNS = 30
 
 
@@ -140,122 +136,6 @@ def voice_clone_prompt() -> tuple[list[dict], list[np.ndarray]]:
 PROMPTS = {"text": text_prompt, "voice_clone": voice_clone_prompt}
 
 
-# ------------------------------------------------------------------------------- Boson-side helpers
-def boson_prompt_inputs(messages: list[dict], codes: list[np.ndarray], force_audio: bool) -> dict:
-    """Boson's serve-engine prompt (prepare_chatml_sample + assistant header) through its collator
-    (audio-in codes fed, as examples/generation.py and the config's encode_audio_in_tokens do)."""
-    boson_messages = copy.deepcopy(messages)
-    for message in boson_messages:
-        content = message["content"]
-        for item in content if isinstance(content, list) else [content]:
-            if isinstance(item, dict) and item.get("type") == "audio":
-                item["audio_url"] = item.pop("audio_codes")
-    input_tokens, _, audio_contents, _ = prepare_chatml_sample({"messages": boson_messages}, BOSON_TOKENIZER)
-    postfix = "<|start_header_id|>assistant<|end_header_id|>\n\n" + (
-        "<|audio_out_bos|>" if force_audio else ""
-    )
-    input_tokens = input_tokens + BOSON_TOKENIZER.encode(postfix, add_special_tokens=False)
-    assert len(audio_contents) == len(codes)
-    lengths = [c.shape[1] for c in codes]
-    sample = ChatMLDatasetSample(
-        input_ids=torch.tensor(input_tokens, dtype=torch.long),
-        label_ids=None,
-        audio_ids_concat=torch.from_numpy(np.concatenate(codes, axis=1)) if codes else None,
-        audio_ids_start=torch.tensor(np.cumsum([0] + lengths[:-1]), dtype=torch.long) if codes else None,
-        audio_waveforms_concat=None,
-        audio_waveforms_start=None,
-        audio_sample_rate=None,
-        audio_speaker_indices=None,
-    )
-    collator = HiggsAudioSampleCollator(
-        whisper_processor=None,
-        audio_in_token_id=TOKENS.audio_in,
-        audio_out_token_id=TOKENS.audio_out,
-        pad_token_id=TOKENS.pad,
-        audio_stream_bos_id=BOS,
-        audio_stream_eos_id=EOS,
-        encode_whisper_embed=False,
-        return_audio_in_tokens=True,
-        use_delay_pattern=True,
-        audio_num_codebooks=K,
-        round_to=1,
-    )
-    batch = asdict(collator([sample]))
-    keys = "input_ids attention_mask audio_in_ids audio_in_ids_start audio_out_ids audio_out_ids_start"
-    return {key: batch[key] for key in keys.split()}
-
-
-def boson_full_prefix_generate(
-    boson, inputs: dict, max_new_columns: int, do_sample: bool, processors, generator
-) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
-    """Boson's protocol (``_sample``) step by step, but every step runs ``forward`` on the WHOLE prefix
-    (no cache); audio columns come from Boson's ``_sample_audio_tokens`` (its delay/EOS rules).
-
-    Returns:
-        (generated text ids, audio columns per segment, the logits each step chose from: text [V] or
-        audio [K * C], in step order).
-    """
-    step_logits: list[torch.Tensor] = []
-    input_ids = inputs["input_ids"][0].tolist()
-    prompt_length = len(input_ids)
-    audio_out_ids = inputs["audio_out_ids"]
-    if audio_out_ids.numel() == 0:
-        audio_out_ids = torch.zeros(K, 0, dtype=torch.long)
-    starts = inputs["audio_out_ids_start"].tolist()
-    config = GenerationConfig()
-    config.generation_kwargs = {"audio_eos_token_id": TOKENS.audio_eos}
-    segments: list[torch.Tensor] = []
-    num_delay, num_remaining = 0, None
-    for _ in range(max_new_columns):
-        last = input_ids[-1]
-        if last == TOKENS.audio_out_bos:
-            column = torch.full((K, 1), BOS, dtype=torch.long)
-            starts.append(audio_out_ids.shape[1])
-            audio_out_ids = torch.cat([audio_out_ids, column], dim=1)
-            segments.append(column)
-            input_ids.append(TOKENS.audio_out)
-            continue
-        with torch.no_grad():
-            out = boson(
-                input_ids=torch.tensor([input_ids]),
-                attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
-                audio_in_ids=inputs["audio_in_ids"],
-                audio_in_ids_start=inputs["audio_in_ids_start"],
-                audio_out_ids=audio_out_ids,
-                audio_out_ids_start=torch.tensor(starts, dtype=torch.long),
-                use_cache=False,
-            )
-        if last == TOKENS.audio_out:
-            step_logits.append(out.audio_logits[-1].flatten())
-            next_tokens, column, _, _, num_delay, num_remaining = boson._sample_audio_tokens(
-                hidden_states=None,
-                audio_logits=out.audio_logits[-1:],
-                audio_out_ids=audio_out_ids,
-                do_sample=do_sample,
-                logits_processor=processors,
-                device=torch.device("cpu"),
-                torch_generator=generator,
-                generation_config=config,
-                num_delay=num_delay,
-                num_remaining_delays=num_remaining,
-            )
-            audio_out_ids = torch.cat([audio_out_ids, column[:, None]], dim=1)
-            segments[-1] = torch.cat([segments[-1], column[:, None]], dim=1)
-            if int(next_tokens[0]) != TOKENS.audio_out:
-                input_ids.append(int(next_tokens[0]))
-            continue
-        step_logits.append(out.logits[0, -1])
-        scores = processors(None, out.logits[:, -1].float())
-        if do_sample:
-            token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator)[0, 0])
-        else:
-            token = int(scores.argmax(-1)[0])
-        input_ids.append(token)
-        if token in TOKENS.stop:
-            break
-    return input_ids[prompt_length:], segments, step_logits
-
-
 def record_head_outputs(model) -> tuple[list[torch.Tensor], list]:
     """Record every output of our two heads (in call order) through forward hooks."""
     recorded: list[torch.Tensor] = []
@@ -311,19 +191,10 @@ def test_greedy_generation_equals_boson(models, name):
     assert result.text_ids[:2].tolist() == [TOKENS.audio_out, TOKENS.audio_eos]
 
     # 1. Boson's own generate (KV cache, greedy): same columns, same text through <|audio_eos|>.
-    sequences, audio_sequences = boson.generate(
-        **inputs,
-        max_new_tokens=MAX_NEW_COLUMNS,
-        use_cache=True,
-        do_sample=False,
-        eos_token_id=list(TOKENS.stop),
-        pad_token_id=TOKENS.pad,
-    )
-    boson_text = sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    assert torch.equal(audio_sequences[0], first)
-    assert boson_text[:2] == result.text_ids[:2].tolist()
-    reverted = boson_utils.revert_delay_pattern(audio_sequences[0]).clip(0, LAYOUT.codebook_size - 1)[:, 1:-1]
-    assert torch.equal(reverted, result.audio_codes[0])
+    speech = boson_generate_speech(boson, messages, codes, max_new_tokens=MAX_NEW_COLUMNS)
+    assert torch.equal(speech.columns, first)
+    assert speech.text_ids[:2] == result.text_ids[:2].tolist()
+    assert torch.equal(speech.codes, result.audio_codes[0])
 
     # 2. Boson's forward on the full prefix, step by step: everything equal, to the last step, and the
     # logits of every step close (the context layout itself, not only the argmax).
