@@ -17,12 +17,16 @@ Usage::
     tune validate CONFIG [overrides ...]
 
 RECIPE is a path (``recipes/higgs_finetune``; ``.py`` may be left out) or a registered name
-(``higgs_finetune``). CONFIG is a path or a registered name (``cpu_tiny``).
+(``higgs_finetune``). CONFIG is a path or a registered name (``cpu_tiny``). Before any process starts,
+``run`` loads the config with its overrides and, for recipes that validate their config with
+``higgs_tune.config.validate_config`` (this project's and copies of it), runs that validation: a config
+error is one line, also with ``--nproc_per_node``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import runpy
 import shutil
 import sys
@@ -136,12 +140,30 @@ def cmd_run(argv: list[str], registry: Registry) -> int:
     recipe_args = [*recipe_args]
     recipe_args[config_index] = str(config_path)
     overrides = recipe_args[config_index + 1 :] + recipe_args[: config_index - 1]
-    # Pre-flight: the config loads and every override applies, before any process starts.
-    load_config(config_path, overrides)
+    # Pre-flight, before any process starts: the config loads and every override applies; for a recipe
+    # that validates its config with higgs_tune.config.validate_config (ours and copies of it), that
+    # validation too, so an error is one line instead of a traceback per rank.
+    cfg = load_config(config_path, overrides)
+    if _recipe_validates_its_config(recipe_path):
+        validate_config(cfg)
 
     if torchrun_argv:
         return _run_distributed(torchrun_argv, recipe_path, recipe_args)
     return _run_single_process(recipe_path, recipe_args)
+
+
+def _recipe_validates_its_config(recipe_path: Path) -> bool:
+    """Whether the recipe file imports ``validate_config`` from ``higgs_tune.config`` (read, not run)."""
+    try:
+        tree = ast.parse(recipe_path.read_text(), filename=str(recipe_path))
+    except (OSError, SyntaxError, ValueError):
+        return False  # running it will report the problem
+    return any(
+        isinstance(node, ast.ImportFrom)
+        and node.module == "higgs_tune.config"
+        and any(alias.name == "validate_config" for alias in node.names)
+        for node in ast.walk(tree)
+    )
 
 
 def _run_single_process(recipe_path: Path, recipe_args: list[str]) -> int:

@@ -136,8 +136,13 @@ def _check_components(node: Any, where: str, errors: list[str]) -> None:
         path = node["_component_"]
         try:
             component = _get_component_from_path(path)
-        except Exception:
-            errors.append(f"{label}: unknown component path {path!r}")
+        except Exception as exc:
+            cause = exc.__cause__
+            missing = getattr(cause, "name", None) if isinstance(cause, ModuleNotFoundError) else None
+            if cause is None or (missing is not None and (path == missing or path.startswith(missing + "."))):
+                errors.append(f"{label}: unknown component path {path!r}")
+            else:  # the module exists but importing it failed: say why
+                errors.append(f"{label}: cannot import component {path!r}: {type(cause).__name__}: {cause}")
             component = None
         if component is not None:
             kwargs = {k: v for k, v in node.items() if k != "_component_"}
@@ -189,6 +194,9 @@ def _primitive_types(annotation: Any) -> tuple[type, ...] | None:
     return None
 
 
+NONFINITE_POLICIES = ("skip", "stop")
+
+
 def _check_contract(resolved: dict[str, Any]) -> list[str]:
     errors = []
     for key, (types, nullable) in CONTRACT_KEYS.items():
@@ -209,6 +217,26 @@ def _check_contract(resolved: dict[str, Any]) -> list[str]:
             errors.append(f"{key} must be positive, got {value}")
     if resolved.get("dtype") is not None and resolved.get("dtype") not in DTYPES:
         errors.append(f"dtype must be one of {DTYPES}, got {resolved.get('dtype')!r}")
+    if resolved.get("on_nonfinite", "skip") not in NONFINITE_POLICIES:
+        errors.append(
+            f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {resolved.get('on_nonfinite')!r}"
+        )
+    fsdp = resolved.get("fsdp")
+    if fsdp is not None:  # the optional FSDP2 options (torchrun runs): the fields of FSDPOptions
+        from higgs_tune.training.parallelize import FSDPOptions
+
+        if not isinstance(fsdp, dict):
+            errors.append(f"fsdp: expected a mapping of FSDPOptions fields, got {fsdp!r}")
+        else:
+            signature_errors = _check_signature(FSDPOptions, fsdp, "fsdp", "FSDPOptions")
+            errors += signature_errors
+            try:
+                if not signature_errors:
+                    FSDPOptions(**fsdp)
+            except ValueError as exc:
+                errors.append(_first_line(exc))
+            if fsdp.get("cpu_offload") and resolved.get("device") != "cuda":
+                errors.append("fsdp.cpu_offload=true needs device=cuda (it offloads from GPU memory)")
     return errors
 
 

@@ -3,6 +3,11 @@
     tune run recipes/higgs_finetune --config configs/cpu_tiny.yaml
     tune run --nproc_per_node 2 recipes/higgs_finetune --config configs/cpu_tiny.yaml max_steps=20
 
+With more than one process (torchrun), the model is sharded with FSDP2 (``fully_shard`` per decoder
+layer and on the root; the ``fsdp`` config node: mixed precision, resharding, CPU offload), each rank
+reads its own share of the rows, and checkpoints are torch.distributed.checkpoint folders that resume on
+the same or another number of processes.
+
 Every part comes from the YAML config (``_component_`` nodes): tokenizer, data set, model, loss,
 optimizer, LR schedule, metric logger. The recipe only wires them together: copy this file
 (``tune cp higgs_finetune my_recipe.py``) and change what you need.
@@ -17,6 +22,7 @@ Outputs (design.md §6): ``<output_dir>/logs`` (TensorBoard), ``<output_dir>/met
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import sys
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torchtune import config, training
 from tqdm import tqdm
 
@@ -42,7 +49,7 @@ from higgs_tune.generation import (
     held_out_speech_prompts,
 )
 from higgs_tune.loss import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
-from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
+from higgs_tune.models.higgs_audio.builders import build_model, from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import save_hf_checkpoint
 from higgs_tune.models.higgs_audio.lora import (
     apply_lora,
@@ -53,7 +60,6 @@ from higgs_tune.models.higgs_audio.lora import (
 )
 from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
 from higgs_tune.training.checkpointing import (
-    TrainingState,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -62,6 +68,8 @@ from higgs_tune.training.checkpointing import (
 )
 from higgs_tune.training.distributed import cleanup_distributed, init_distributed, resolve_device
 from higgs_tune.training.flops import mfu
+from higgs_tune.training.optimizer_in_backward import OptimizerInBackward
+from higgs_tune.training.parallelize import FSDPOptions, parallelize
 from higgs_tune.training.step import build_train_step, move_batch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -71,12 +79,15 @@ class HiggsFinetuneRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)  # one-line errors before any heavy work
         self.cfg = cfg
-        self.dist = init_distributed(cfg.device)
+        # A finite collective timeout: a rank that dies makes the others fail instead of hanging.
+        self.dist = init_distributed(cfg.device, timeout_s=cfg.get("collective_timeout_s", 600))
         self.device = resolve_device(cfg.device, self.dist)
         self.dtype = DTYPES[cfg.dtype]
         self.output_dir = Path(cfg.output_dir)
         self.step = 0
         self.epoch = 0
+        self.rows_in_epoch = 0  # rows ALL ranks have drawn in the current epoch (the resumable position)
+        self.skipped_updates = 0  # steps whose update was skipped for a non-finite loss or gradient
         self.alignment_checked = False
 
     # ------------------------------------------------------------------ setup
@@ -84,13 +95,16 @@ class HiggsFinetuneRecipe:
         cfg = self.cfg
         training.set_seed(seed=cfg.seed)
         if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            try:  # an unwritable output folder fails now, not at the first checkpoint hours later
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            except OSError as exc:
+                raise OSError(f"output_dir {self.output_dir} is not writable: {exc}") from exc
 
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.model = self._setup_model()
         model_config = self.model.args.to_hf_config()
-        self.tokenizer.check_against_model_config(model_config)
+        self.tokenizer.check_against_model_config(model_config)  # special token ids, vocab size
 
         audio_layout = AudioLayout.from_model_config(model_config)
         self.codebook_size = audio_layout.codebook_size
@@ -142,7 +156,20 @@ class HiggsFinetuneRecipe:
             cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps
         )
         # eager, compiled (torch.compile fullgraph) or replayed as a CUDA graph: same maths, same metrics.
+        # FSDP runs: the decoder layers were compiled before sharding; the step around them is eager and
+        # FSDP's reduce-scatter sums the gradients.
+        # An optimizer built with in_backward=true updates each parameter inside backward (no gradient
+        # accumulation, no global clipping; its decoder blocks and loss compile one by one).
         step_mode = "cudagraph" if cfg.cuda_graphs else "compile" if cfg.compile else "eager"
+        step_options = dict(cfg.get("step_options", {}))
+        if isinstance(self.optimizer, OptimizerInBackward):
+            if self.dist.is_distributed or cfg.cuda_graphs:
+                raise ValueError("optimizer in_backward=true is single-process, without cuda_graphs")
+            step_mode = "optimizer_in_backward"
+            step_options.update(compile_blocks=cfg.compile, compile_loss=cfg.compile)
+        if self.dist.is_distributed:
+            step_mode = "eager"
+        self.on_nonfinite = cfg.get("on_nonfinite", "skip")  # skip | stop (validated with the config)
         self.train_step = build_train_step(
             step_mode,
             self.model,
@@ -151,7 +178,9 @@ class HiggsFinetuneRecipe:
             self.lr_scheduler,
             max_grad_norm=cfg.get("max_grad_norm", 1.0),
             process_group=dist.group.WORLD if self.dist.is_distributed else None,
-            **cfg.get("step_options", {}),
+            reduce_gradients=not self.dist.is_distributed,
+            skip_nonfinite=True,  # never train on NaN: a non-finite step updates nothing
+            **step_options,
         )
         self.metric_logger = config.instantiate(cfg.metric_logger, rank=self.dist.rank)
         self.metric_logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))
@@ -173,22 +202,41 @@ class HiggsFinetuneRecipe:
     def _setup_model(self) -> torch.nn.Module:
         cfg = self.cfg
         checkpoint_dir = cfg.checkpointer.checkpoint_dir
-        if checkpoint_dir is not None:
-            model = from_checkpoint_dir(checkpoint_dir, dtype=self.dtype, device=self.device)
-        else:
-            # Random init from the GLOBAL seed: every rank builds the same weights.
-            with torch.random.fork_rng(devices=[]), training.set_default_dtype(self.dtype):
-                torch.manual_seed(cfg.seed)
-                model = config.instantiate(cfg.model, device=self.device, dtype=self.dtype)
-        # What trains: everything, LoRA adapters, or the audio adapter (text backbone frozen).
         finetune = cfg.get("finetune", {})
-        if finetune.get("lora") is not None:
-            lora = finetune.lora
-            apply_lora(
-                model, list(lora.targets), rank=lora.rank, alpha=lora.alpha, dropout=lora.get("dropout", 0.0)
-            )
+        # Random initialisation (the model without a checkpoint, LoRA adapters) from the GLOBAL seed:
+        # every rank builds the same weights (set_seed gave each rank its own stream), FSDP shards them.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.seed)
+            if checkpoint_dir is not None:
+                # Tokenizer vs checkpoint (special token ids, vocab size) before gigabytes of weights load.
+                config_file = Path(checkpoint_dir) / "config.json"
+                if not config_file.is_file():
+                    raise FileNotFoundError(f"checkpointer.checkpoint_dir: {config_file} does not exist")
+                self.tokenizer.check_against_model_config(json.loads(config_file.read_text()))
+                model = from_checkpoint_dir(checkpoint_dir, dtype=self.dtype, device=self.device)
+            else:
+                with training.set_default_dtype(self.dtype):
+                    model = config.instantiate(cfg.model, device=self.device, dtype=self.dtype)
+            # What trains: everything, LoRA adapters, or the audio adapter (text backbone frozen).
+            if finetune.get("lora") is not None:
+                lora = finetune.lora
+                apply_lora(
+                    model,
+                    list(lora.targets),
+                    rank=lora.rank,
+                    alpha=lora.alpha,
+                    dropout=lora.get("dropout", 0.0),
+                )
         set_trainable(model, finetune.get("mode", "full"))
         apply_activation_checkpointing(model, enabled=cfg.get("activation_checkpointing", False))
+        if self.dist.is_distributed:
+            if cfg.cuda_graphs:
+                raise ValueError(
+                    "cuda_graphs=true is single-process only; set cuda_graphs=false with torchrun"
+                )
+            # torchtitan's order: activation checkpointing (above), per-layer compile, then FSDP2.
+            parallelize(model, FSDPOptions(**cfg.get("fsdp", {})), compile=cfg.compile)
         return model
 
     # ------------------------------------------------------------------ train
@@ -206,6 +254,7 @@ class HiggsFinetuneRecipe:
             fetch_start = time.perf_counter()
             for batch in self.loader:
                 data_time += time.perf_counter() - fetch_start
+                self.rows_in_epoch += self.cfg.batch_size * self.dist.world_size
                 if not self.alignment_checked:
                     check_batch_alignment(batch, self.alignment_layout)  # the single-shift invariants
                     self.alignment_checked = True
@@ -218,6 +267,8 @@ class HiggsFinetuneRecipe:
                     micro_batches = []
                     self.step += 1
                     progress.update(1)
+                    if metrics["update_skipped"]:  # decided by the step on every rank alike
+                        self._handle_nonfinite_step(metrics)
                     if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
                         elapsed = time.perf_counter() - window_start
                         record = self._log_metrics(metrics, lr, tokens_since_log, elapsed, data_time)
@@ -236,8 +287,34 @@ class HiggsFinetuneRecipe:
                 fetch_start = time.perf_counter()
             else:
                 self.epoch += 1  # the epoch ran to its end
+                self.rows_in_epoch = 0
                 micro_batches = []  # an incomplete accumulation group does not cross epochs
         progress.close()
+
+    def _handle_nonfinite_step(self, metrics: dict[str, torch.Tensor]) -> None:
+        """A step whose loss or gradient norm was NaN/inf updated nothing (the step skipped it); say so,
+        count it, and stop when the config says ``on_nonfinite: stop``."""
+        self.skipped_updates += 1
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        self.metric_logger.log_dict(
+            {
+                "nonfinite_step": 1,
+                "nonfinite_loss": loss,
+                "nonfinite_grad_norm": grad_norm,
+                "skipped_updates": self.skipped_updates,
+            },
+            step=self.step,
+        )
+        unchanged = "parameters and optimizer state are unchanged"
+        if "skipped_parameters" in metrics:  # optimizer in backward: only the non-finite ones were skipped
+            unchanged = f"{int(metrics['skipped_parameters'])} of {len(self.train_step.trainable)} parameters"
+        message = (
+            f"step {self.step}: non-finite loss or gradient (this rank's loss {loss}, grad norm {grad_norm}); "
+            f"the update was skipped ({unchanged})"
+        )
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(f"{message}; stopping (on_nonfinite=stop)")
+        self._log(f"WARNING: {message} (on_nonfinite=skip; {self.skipped_updates} skipped so far)")
 
     def _log_metrics(
         self,
@@ -248,7 +325,8 @@ class HiggsFinetuneRecipe:
         data_time: float,
     ) -> dict:
         """Global values (summed over ranks: every loss term is already divided by the global count)."""
-        summed = {k: v.detach().float().reshape(-1) for k, v in metrics.items() if k != "grad_norm"}
+        per_rank = {k: v for k, v in metrics.items() if k not in ("grad_norm", "update_skipped")}
+        summed = {k: v.detach().float().reshape(-1) for k, v in per_rank.items()}
         if self.dist.is_distributed:
             flat = torch.cat(list(summed.values()))
             dist.all_reduce(flat)
@@ -270,6 +348,7 @@ class HiggsFinetuneRecipe:
             "tokens_per_sec": tokens / max(elapsed, 1e-9),
             "data_time_share": data_time / max(elapsed, 1e-9),
             "skipped_samples": self.data_stats["skipped_samples"],
+            "skipped_updates": self.skipped_updates,
             "peak_memory_gib": peak_memory_gib(self.device),
         }
         utilisation = mfu(
@@ -311,24 +390,27 @@ class HiggsFinetuneRecipe:
         """Speak the first ``generation.num_prompts`` held-out prompts greedily (rank 0) and report how
         many of the reference answer's codes the model reproduces."""
         gen_cfg = self.cfg.get("generation")
-        if not self.dist.is_main or gen_cfg is None or not gen_cfg.get("num_prompts"):
+        if gen_cfg is None or not gen_cfg.get("num_prompts"):
             return
-        layout = AudioLayout.from_model_config(self.model.args.to_hf_config())
-        tokens = GenerationTokens.from_tokenizer(self.tokenizer, self.model.args)
+        model = self._inference_model()  # FSDP runs: every rank helps gather rank 0's full copy
+        if not self.dist.is_main:
+            return
+        layout = AudioLayout.from_model_config(model.args.to_hf_config())
+        tokens = GenerationTokens.from_tokenizer(self.tokenizer, model.args)
         out_dir = self.output_dir / "generations"
         out_dir.mkdir(parents=True, exist_ok=True)
         accuracies = []
-        was_training = self.model.training
-        self.model.eval()
+        was_training = model.training
+        model.eval()
         for index, held_out in enumerate(held_out_speech_prompts(gen_cfg.manifest, gen_cfg.num_prompts)):
             prompt = build_prompt(
                 held_out.messages, self.tokenizer, layout, held_out.context_codes, force_audio=True
             )
-            result = generate(self.model, prompt, tokens, max_new_columns=gen_cfg.max_new_columns)
+            result = generate(model, prompt, tokens, max_new_columns=gen_cfg.max_new_columns)
             generated = result.audio_codes[0] if result.audio_codes else torch.zeros(layout.num_codebooks, 0)
             np.save(out_dir / f"sample_{index:03d}.npy", generated.numpy().astype(np.int16))
             accuracies.append(code_accuracy(generated, held_out.reference_codes[0]))
-        self.model.train(was_training)
+        model.train(was_training)
         mean = sum(accuracies) / len(accuracies)
         self.metric_logger.log_dict(
             {"generation_code_accuracy": mean, "generation_code_accuracy_per_prompt": accuracies},
@@ -336,64 +418,90 @@ class HiggsFinetuneRecipe:
         )
         self._log(f"greedy generation of {len(accuracies)} held-out prompts: code accuracy {mean:.4f}")
 
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """FSDP runs: the complete model state dict, on rank 0's CPU (every rank takes part in the
+        gather); one process: None (the model itself is complete)."""
+        if not self.dist.is_distributed:
+            return None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def _inference_model(self) -> torch.nn.Module | None:
+        """The model to generate with: the trained model itself, or in FSDP runs an unsharded copy on
+        rank 0 (LoRA merged; None on the other ranks), so rank 0 generates without the other ranks."""
+        full_state = self._full_state_dict()
+        if full_state is None:
+            return self.model
+        if not self.dist.is_main:
+            return None
+        model = build_model(self.model.args, device=self.device, dtype=self.dtype)
+        model.load_state_dict(merged_state_dict(self.model, full_state))
+        return model
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        """Model, optimizer, LR schedule, every rank's loader position and RNG, step and epoch, written
-        atomically by rank 0 under ``<output_dir>/checkpoints/step_<N>``."""
-        per_rank = {"data_loader": self.loader.state_dict(), "rng": rng_state()}
+        """Model and optimizer (torch.distributed.checkpoint: every rank writes its shards), LR schedule,
+        data position, every rank's RNG, step and epoch, atomically under
+        ``<output_dir>/checkpoints/step_<N>``."""
+        rng = [rng_state()]
         if self.dist.is_distributed:
-            gathered = [None] * self.dist.world_size if self.dist.is_main else None
-            dist.gather_object(per_rank, gathered, dst=0)
-        else:
-            gathered = [per_rank]
-        if self.dist.is_main:
-            state = TrainingState(
-                step=self.step,
-                epoch=self.epoch,
-                model=self.model.state_dict(),
-                optimizer=self.optimizer.state_dict(),
-                lr_scheduler=self.lr_scheduler.state_dict(),
-                data_loader=[g["data_loader"] for g in gathered],
-                rng=[g["rng"] for g in gathered],
-            )
-            path = save_checkpoint(
-                self.output_dir / "checkpoints", state, keep_last=self.cfg.get("keep_last_n_checkpoints", 2)
-            )
-            self._log(f"saved checkpoint {path}")
-        if self.dist.is_distributed:
-            dist.barrier()
+            gathered: list = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        training_state = {
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            # Rows of this epoch consumed by ALL ranks: a position that any number of ranks can resume.
+            "global_rows_consumed": self.rows_in_epoch,
+            "skipped_updates": self.skipped_updates,
+            "rng": rng,
+        }
+        path = save_checkpoint(
+            self.output_dir / "checkpoints",
+            step=self.step,
+            epoch=self.epoch,
+            model=self.model,
+            optimizer=self.optimizer,
+            training_state=training_state,
+            keep_last=self.cfg.get("keep_last_n_checkpoints", 2),
+        )
+        self._log(f"saved checkpoint {path}")
 
     def resume(self) -> None:
-        """Continue from the newest complete checkpoint under ``<output_dir>/checkpoints``."""
+        """Continue from the newest complete checkpoint under ``<output_dir>/checkpoints``, written by
+        this or by another number of processes (keep the global batch, ``batch_size`` x processes)."""
         path = latest_checkpoint(self.output_dir / "checkpoints")
         if path is None:
             raise FileNotFoundError(
                 f"resume_from_checkpoint=true but there is no checkpoint under {self.output_dir / 'checkpoints'}"
             )
-        state = load_checkpoint(path)
-        if len(state.data_loader) != self.dist.world_size:
-            raise ValueError(
-                f"{path} was written by {len(state.data_loader)} process(es); this run has {self.dist.world_size}"
-            )
-        self.model.load_state_dict(state.model)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.lr_scheduler.load_state_dict(state.lr_scheduler)
-        self.loader.load_state_dict(state.data_loader[self.dist.rank])
-        set_rng_state(state.rng[self.dist.rank])
-        self.step, self.epoch = state.step, state.epoch
-        self._log(f"resumed from {path} at step {self.step}, epoch {self.epoch}")
+        checkpoint = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        state = checkpoint.training_state
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.loader.sampler.resume_at(checkpoint.epoch, state["global_rows_consumed"])
+        self.rows_in_epoch = state["global_rows_consumed"]
+        # Same number of ranks: each continues its own RNG stream. Otherwise rank r takes the stream of
+        # rank r mod (saved ranks): the model, optimizer and data order are exact, sampling noise is not.
+        set_rng_state(state["rng"][self.dist.rank % len(state["rng"])])
+        self.step, self.epoch = checkpoint.step, checkpoint.epoch
+        self.skipped_updates = state["skipped_updates"]
+        message = f"resumed from {path} at step {self.step}, epoch {self.epoch}"
+        if checkpoint.world_size != self.dist.world_size:
+            message += f" (written by {checkpoint.world_size} process(es), resumed on {self.dist.world_size})"
+        self._log(message)
 
     # ------------------------------------------------------------------ export / cleanup
     def save_export(self) -> None:
-        """Write ``<output_dir>/hf`` in Boson's layout, with the tokenizer files."""
+        """Write ``<output_dir>/hf`` in Boson's layout, with the tokenizer files (rank 0; a sharded
+        model is first gathered, every rank taking part)."""
+        full_state = self._full_state_dict()
         if not self.dist.is_main:
             return
         # LoRA runs export merged weights (loadable as a plain checkpoint) and the adapter alone.
         export_dir = save_hf_checkpoint(
-            merged_state_dict(self.model), self.model.args, self.output_dir / "hf"
+            merged_state_dict(self.model, full_state), self.model.args, self.output_dir / "hf"
         )
         if lora_modules(self.model):
-            save_adapter(self.model, self.output_dir / "adapter" / "adapter.safetensors")
+            save_adapter(self.model, self.output_dir / "adapter" / "adapter.safetensors", full_state)
         tokenizer_path = Path(self.cfg.tokenizer.path)
         tokenizer_dir = tokenizer_path if tokenizer_path.is_dir() else tokenizer_path.parent
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

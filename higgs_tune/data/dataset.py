@@ -337,6 +337,35 @@ class ResumableDistributedSampler(DistributedSampler):
         position = self._position if self._resume_position is None else self._resume_position
         return {"epoch": self.epoch, "position": position, **self._identity()}
 
+    def resume_at(self, epoch: int, global_rows_consumed: int) -> None:
+        """Continue epoch ``epoch`` after the first ``global_rows_consumed`` rows of its order, counted
+        over ALL ranks together, at the next ``iter()`` (call it after ``set_epoch``).
+
+        The order of an epoch does not depend on the world size (rank r takes rows r, r + W, r + 2W, ...
+        of it), so W ranks that consumed ``n`` rows each leave the same global position ``n * W`` on
+        any other number of ranks W': each continues after ``n * W / W'`` rows of its own share. This is
+        how a checkpoint resumes on another number of processes (same global batch: ``batch_size`` x
+        ranks kept constant by the user).
+
+        Raises:
+            ValueError: ``global_rows_consumed`` is not a multiple of this world size, or lies past the end
+                of the epoch.
+        """
+        if global_rows_consumed % self.num_replicas:
+            raise ValueError(
+                f"cannot resume after {global_rows_consumed} rows of epoch {epoch} on {self.num_replicas} "
+                "ranks: the position must be a multiple of the number of ranks (keep the global batch, "
+                "batch_size x ranks, of the run that wrote the checkpoint)"
+            )
+        position = global_rows_consumed // self.num_replicas
+        if position > self.rows_per_epoch:
+            raise ValueError(
+                f"cannot resume after {global_rows_consumed} rows of epoch {epoch}: this set-up has only "
+                f"{self.rows_per_epoch * self.num_replicas} rows per epoch"
+            )
+        self.set_epoch(epoch)
+        self._resume_position = position
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from ``state_dict`` at the next ``iter()``.
 

@@ -1,34 +1,53 @@
-"""Recipe checkpoints: everything needed to continue a run exactly where it stopped.
+"""Recipe checkpoints: everything needed to continue a run exactly where it stopped, on the same or
+on another number of ranks.
 
 One checkpoint is a folder ``<output_dir>/checkpoints/step_<N>`` holding::
 
-    model.safetensors      the model's trainable AND frozen tensors (state-dict names)
-    training_state.pt      optimizer, LR scheduler, data loader position, RNG states
-    meta.json              step, epoch, format version
+    .metadata, __<rank>_0.distcp   model + optimizer state, written by torch.distributed.checkpoint
+                                   (DCP): every rank writes its own shards; any number of ranks reads
+                                   them back (DCP re-slices FSDP shards for the new world size)
+    training_state.pt              rank 0's picklable recipe state: LR scheduler, data position,
+                                   every rank's RNG states
+    meta.json                      step, epoch, world size, format version
 
-It is written to a hidden temporary folder first and renamed into place, so a crash or a kill during
-a save never leaves a half-written ``step_<N>``: the previous checkpoint stays the latest complete one.
-The newest ``keep_last`` checkpoints are kept. Loading a damaged file is an error naming the file.
+The same format serves one process (plain tensors) and FSDP runs (DTensor shards): the state dicts come
+from ``torch.distributed.checkpoint.state_dict.get_state_dict``, whose keys are the model's clean
+parameter names (no FSDP / compile / activation-checkpoint wrapper prefixes).
+
+Writes are atomic: all ranks write into a hidden temporary folder that rank 0 renames into place once
+every file is complete, so a crash or a kill during a save never leaves a half-written ``step_<N>``:
+the previous checkpoint stays the latest complete one. The newest ``keep_last`` are kept. Every
+failure (unwritable folder, disk full, a missing, truncated or corrupt file) is a
+:class:`CheckpointError` naming the path, raised on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+META_FILE, TRAINING_STATE_FILE, DCP_METADATA_FILE = "meta.json", "training_state.pt", ".metadata"
 
 
 class CheckpointError(RuntimeError):
@@ -36,14 +55,14 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass
-class TrainingState:
+class Checkpoint:
+    """What :func:`load_checkpoint` returns besides the model and optimizer state it loads in place."""
+
+    path: Path
     step: int
     epoch: int
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    lr_scheduler: dict[str, Any] | None
-    data_loader: dict[str, Any]
-    rng: dict[str, Any]
+    world_size: int
+    training_state: dict[str, Any]
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,88 +94,200 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(root: str | Path, state: TrainingState, keep_last: int = 2) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    *,
+    step: int,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    training_state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
     """Write ``root/step_<N>`` atomically, then delete all but the newest ``keep_last`` checkpoints.
 
+    Collective when a process group is initialised: every rank calls it; ``training_state`` is taken
+    from rank 0 (gather per-rank values into it first).
+
     Raises:
-        CheckpointError: the folder cannot be written (disk full, permissions); the previous
-            checkpoints are untouched.
+        CheckpointError: on every rank, when any rank cannot write (disk full, permissions); the
+            previous checkpoints are untouched.
     """
     root = Path(root)
-    final = root / f"step_{state.step:08d}"
+    final = root / f"step_{step:08d}"
+    rank, world_size = _rank_and_world_size()
+
+    tmp: Path | None = None
+    error = None
+    if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        except OSError as exc:
+            error = f"cannot write checkpoint under {root}: {exc}"
+    tmp, error = _from_rank_zero((tmp, error))
+    if error is not None:
+        raise CheckpointError(error)
+    assert tmp is not None
+
+    error = None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint under {root}: {exc}") from exc
-    try:
-        model = {k: v.detach().contiguous().cpu() for k, v in state.model.items()}
-        save_file(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(
-            {
-                "optimizer": state.optimizer,
-                "lr_scheduler": state.lr_scheduler,
-                "data_loader": state.data_loader,
-                "rng": state.rng,
-            },
-            tmp / "training_state.pt",
-        )
-        meta = {"format_version": FORMAT_VERSION, "step": state.step, "epoch": state.epoch}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write checkpoint {final}: {exc}") from exc
-        raise
-    for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        with _single_process_is_intended():
+            dcp.save(
+                {"model": model_state, "optimizer": optimizer_state},
+                checkpoint_id=tmp,
+                no_dist=world_size == 1,
+            )
+    except (Exception, CheckpointException) as exc:  # DCP raises the same exception on every rank
+        error = f"cannot write checkpoint {final}: {_describe(exc)}{_free_space_hint(root)}"
+    if error is None and rank == 0:
+        try:
+            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+            meta = {"format_version": FORMAT_VERSION, "step": step, "epoch": epoch, "world_size": world_size}
+            (tmp / META_FILE).write_text(json.dumps(meta))
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as exc:
+            error = f"cannot write checkpoint {final}: {_describe(exc)}{_free_space_hint(root)}"
+    error = _first_error(error)
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        raise CheckpointError(error)
+    if rank == 0:
+        for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for leftover in root.glob(".step_*"):  # temporary folders of saves killed midway
+            shutil.rmtree(leftover, ignore_errors=True)
+    _barrier()
     return final
 
 
-def load_checkpoint(path: str | Path) -> TrainingState:
-    """Read a checkpoint folder written by :func:`save_checkpoint`.
+def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
+    """Load the model and optimizer state of the checkpoint folder ``path`` in place (collective), and
+    return the rest.
 
     Raises:
-        CheckpointError: a missing or damaged file, named.
+        CheckpointError: a missing, truncated or corrupt file, named.
     """
     path = Path(path)
-    meta_file, model_file, state_file = (
-        path / "meta.json",
-        path / "model.safetensors",
-        path / "training_state.pt",
-    )
-    for file in (meta_file, model_file, state_file):
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {file.name} is missing")
+    meta = verify_checkpoint(path)
     try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {meta_file}: {exc}") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{meta_file}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}"
-        )
-    try:
-        model = load_file(str(model_file))
-    except Exception as exc:  # safetensors raises its own error types for truncated headers/data
-        raise CheckpointError(f"cannot read {model_file} (truncated or corrupt?): {exc}") from exc
-    try:
-        training = torch.load(state_file, map_location="cpu", weights_only=False)
+        training_state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {state_file} (truncated or corrupt?): {exc}") from exc
-    return TrainingState(
+        raise CheckpointError(
+            f"cannot read {path / TRAINING_STATE_FILE} (truncated or corrupt?): {exc}"
+        ) from exc
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=path, no_dist=_rank_and_world_size()[1] == 1)
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"cannot load model/optimizer state from {path}: {_describe(exc)}") from exc
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return Checkpoint(
+        path=path,
         step=int(meta["step"]),
         epoch=int(meta["epoch"]),
-        model=model,
-        optimizer=training["optimizer"],
-        lr_scheduler=training["lr_scheduler"],
-        data_loader=training["data_loader"],
-        rng=training["rng"],
+        world_size=int(meta["world_size"]),
+        training_state=training_state,
     )
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check that every file of the checkpoint is present and as long as its index says, before any
+    loading starts; returns meta.json's content.
+
+    Raises:
+        CheckpointError: naming the first missing, truncated or unreadable file.
+    """
+    path = Path(path)
+    for name in (META_FILE, TRAINING_STATE_FILE, DCP_METADATA_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path / META_FILE}: {exc}") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path / META_FILE}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}"
+        )
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot read {path / DCP_METADATA_FILE} (truncated or corrupt?): {exc}"
+        ) from exc
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if file.stat().st_size < size:
+            raise CheckpointError(f"{file} is truncated: {file.stat().st_size} bytes, its index needs {size}")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _describe(exc: BaseException) -> str:
+    """One line: the exception, or for DCP's CheckpointException the first failing rank's exception."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (cause, _) = next(iter(sorted(exc.failures.items(), key=lambda item: item[0])))
+        return f"rank {rank}: {type(cause).__name__}: {cause}".replace("\n", " ")
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def _free_space_hint(root: Path) -> str:
+    try:
+        free = shutil.disk_usage(root).free / 2**30
+    except OSError:
+        return ""
+    return f" (disk full or folder not writable? {free:.1f} GiB free under {root})"
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """Silence DCP's warning that it saves/loads in one process (it is what a 1-process run wants)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _first_error(error: str | None) -> str | None:
+    """The first rank's error message, on every rank (None when no rank failed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _fsync_dir(folder: Path) -> None:

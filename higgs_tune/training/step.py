@@ -1,5 +1,5 @@
 """The training step: forward, aligned loss, backward over the micro-batches of one optimizer step,
-gradient clipping, optimizer and LR update, in four interchangeable modes (design.md §4).
+gradient clipping, optimizer and LR update, in interchangeable modes (design.md §4).
 
 ``TrainStep`` is the eager step every other mode is checked against. It normalises the loss by the
 GLOBAL number of valid targets of the step (all micro-batches, all data-parallel ranks; the counts come
@@ -19,6 +19,10 @@ Modes (:func:`build_train_step`)::
                 captured too (``capturable=True``, tensor LR).
     functional  FunctionalTrainStep: ``torch.func.functional_call`` + ``torch.func.grad_and_value``,
                 compiled with ``fullgraph=True``: parameters and batch in, gradients and metrics out.
+    optimizer_in_backward
+                OptimizerInBackwardTrainStep (higgs_tune/training/optimizer_in_backward.py): each
+                parameter is updated inside backward and its gradient freed (one micro-batch per step,
+                no global clipping); decoder blocks and loss compiled one by one.
 
 Every mode takes the same call, ``step(micro_batches: list[dict]) -> dict[str, Tensor]``, and returns
 the same metrics (see :class:`TrainStep`).
@@ -32,11 +36,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from higgs_tune.loss import LossOutput, global_target_counts
 from higgs_tune.training.distributed import all_reduce_gradients
 
-STEP_MODES = ("eager", "compile", "cudagraph", "functional")
+STEP_MODES = ("eager", "compile", "cudagraph", "functional", "optimizer_in_backward")
 CUDAGRAPH_COMPILE_SCOPES = ("forward_loss", "blocks", "none")
 
 # LossOutput fields summed over micro-batches (each is already normalised by the global counts).
@@ -80,6 +85,19 @@ def clamp_tensor_lr(optimizer: torch.optim.Optimizer) -> None:
             group["lr"].clamp_(min=MIN_TENSOR_LR)
 
 
+def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Clip the gradients of ``parameters`` to a total L2 norm of ``max_norm`` (None: only measure);
+    returns the pre-clip norm [] (a plain tensor, also when the gradients are FSDP ``DTensor`` shards:
+    then it is the norm of the full gradient, reduced over the ranks)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm
+
+
 class TrainStep:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches, eagerly.
 
@@ -89,7 +107,14 @@ class TrainStep:
         optimizer, lr_scheduler: stepped once per call (the scheduler may be None).
         max_grad_norm: clip the total gradient norm to this value (None: no clipping; the norm is
             still computed and returned).
-        process_group: data-parallel group whose gradients and counts are summed (None: one process).
+        process_group: data-parallel group whose target counts are summed (None: one process).
+        reduce_gradients: sum the gradients over ``process_group`` after backward (replicated
+            parameters). False when the model's parameters are FSDP shards: FSDP's reduce-scatter has
+            already summed them (higgs_tune/training/parallelize.py).
+        skip_nonfinite: when the step's loss or gradient norm is NaN/inf (on any rank), skip the update:
+            parameters and optimizer state stay as they were, the gradients are dropped, the LR
+            schedule still advances, and ``metrics["update_skipped"]`` is 1. Costs one host sync (and,
+            distributed, one tiny all-reduce) per step. False: no check, no sync.
 
     Call with the list of micro-batches (already on the device); returns the step's metrics as
     tensors (no host synchronisation inside): ``loss`` and the summed :class:`LossOutput` fields,
@@ -104,6 +129,9 @@ class TrainStep:
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         max_grad_norm: float | None = 1.0,
         process_group: dist.ProcessGroup | None = None,
+        *,
+        reduce_gradients: bool = True,
+        skip_nonfinite: bool = False,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -111,6 +139,8 @@ class TrainStep:
         self.lr_scheduler = lr_scheduler
         self.max_grad_norm = max_grad_norm
         self.process_group = process_group
+        self.reduce_gradients = reduce_gradients and process_group is not None
+        self.skip_nonfinite = skip_nonfinite
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError(f"{type(model).__name__} has no trainable parameter (requires_grad=True)")
@@ -134,13 +164,21 @@ class TrainStep:
 
     def clip_and_update(self) -> torch.Tensor:
         """Clip the accumulated gradients and step the optimizer; returns the pre-clip total norm []."""
-        max_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        grad_norm = clip_grad_norm_(self.trainable, self.max_grad_norm)
         self.optimizer.step()
         return grad_norm
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def is_finite(self, loss: torch.Tensor) -> bool:
+        """Whether this step's loss (every rank's) and accumulated gradient norm are finite (host sync)."""
+        bad = (~torch.isfinite(loss)).float() + (
+            ~torch.isfinite(clip_grad_norm_(self.trainable, None))
+        ).float()
+        if self.process_group is not None:
+            dist.all_reduce(bad, group=self.process_group)
+        return not bool(bad.item())
 
     # -------------------------------------------------------------------- the step
     def __call__(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -152,13 +190,19 @@ class TrainStep:
             for name in ("loss", *_SUMMED_METRICS):
                 value = getattr(output, name)
                 totals[name] = value if name not in totals else totals[name] + value
-        if self.process_group is not None:
+        if self.reduce_gradients:
             all_reduce_gradients(self.trainable)
-        grad_norm = self.clip_and_update()
+        skipped = self.skip_nonfinite and not self.is_finite(totals["loss"])
+        if skipped:
+            grad_norm = clip_grad_norm_(self.trainable, None)
+        else:
+            grad_norm = self.clip_and_update()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.zero_grad()
         metrics = {"loss": totals.pop("loss"), "grad_norm": grad_norm, **totals}
+        if self.skip_nonfinite:
+            metrics["update_skipped"] = torch.tensor(float(skipped))
         metrics["num_tokens"] = torch.stack([b["num_tokens"].sum() for b in micro_batches]).sum()
         return metrics
 
@@ -186,8 +230,9 @@ class CompiledTrainStep(TrainStep):
         process_group: dist.ProcessGroup | None = None,
         backend: str | Callable = "inductor",
         compile_optimizer: bool = True,
+        **common: Any,
     ) -> None:
-        super().__init__(model, loss_fn, optimizer, lr_scheduler, max_grad_norm, process_group)
+        super().__init__(model, loss_fn, optimizer, lr_scheduler, max_grad_norm, process_group, **common)
         if compile_optimizer and not lr_is_tensor(optimizer):
             raise ValueError(
                 f"compile mode compiles the optimizer step, so {type(optimizer).__name__} must hold its lr "
@@ -204,8 +249,7 @@ class CompiledTrainStep(TrainStep):
     def _clip_and_update_unwrapped(self) -> torch.Tensor:
         """Clip + the optimizer class's own ``step``, bypassing the LR scheduler's wrapper of
         ``optimizer.step`` (it lives in a file dynamo refuses to trace, which would leave the update eager)."""
-        max_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        grad_norm = clip_grad_norm_(self.trainable, self.max_grad_norm)
         type(self.optimizer).step(self.optimizer)
         return grad_norm
 
@@ -248,8 +292,9 @@ class FunctionalTrainStep(TrainStep):
         max_grad_norm: float | None = 1.0,
         process_group: dist.ProcessGroup | None = None,
         backend: str | Callable | None = "inductor",
+        **common: Any,
     ) -> None:
-        super().__init__(model, loss_fn, optimizer, lr_scheduler, max_grad_norm, process_group)
+        super().__init__(model, loss_fn, optimizer, lr_scheduler, max_grad_norm, process_group, **common)
         if getattr(loss_fn, "checkpoint_text_chunks", False):
             raise ValueError(
                 "functional mode: torch.func cannot differentiate through activation checkpoints; build "
@@ -347,8 +392,9 @@ class CudaGraphTrainStep(TrainStep):
         capture_optimizer: bool = False,
         compile_scope: str = "forward_loss",
         warmup_iterations: int = 3,
+        **common: Any,
     ) -> None:
-        super().__init__(model, loss_fn, optimizer, lr_scheduler, max_grad_norm, process_group)
+        super().__init__(model, loss_fn, optimizer, lr_scheduler, max_grad_norm, process_group, **common)
         device = self.trainable[0].device
         if device.type != "cuda" or not torch.cuda.is_available():
             raise RuntimeError(
@@ -515,16 +561,23 @@ def build_train_step(
 ) -> TrainStep:
     """Build the training step of ``mode`` (one of :data:`STEP_MODES`).
 
-    ``mode_options`` go to the mode's class: ``compile``: ``backend``, ``compile_optimizer``;
+    ``mode_options`` go to the mode's class; every mode takes :class:`TrainStep`'s ``reduce_gradients``
+    and ``skip_nonfinite``; ``compile``: ``backend``, ``compile_optimizer``;
     ``functional``: ``backend``; ``cudagraph``: ``capture``, ``capture_optimizer``, ``compile_scope``,
-    ``warmup_iterations``. ``eager`` takes none. See the classes for their requirements (tensor LR for a
-    compiled or captured optimizer, CUDA for ``cudagraph``).
+    ``warmup_iterations``; ``optimizer_in_backward``: ``compile_blocks``, ``compile_loss``, ``backend``.
+    See the classes for their requirements (tensor LR for a compiled or captured optimizer, CUDA for
+    ``cudagraph``; for ``optimizer_in_backward`` (:mod:`higgs_tune.training.optimizer_in_backward`) an
+    ``OptimizerInBackward`` (``build_optimizer(..., in_backward=True)``), one micro-batch per step and
+    ``max_grad_norm=None``).
     """
+    from higgs_tune.training.optimizer_in_backward import OptimizerInBackwardTrainStep  # imports this module
+
     classes: dict[str, type[TrainStep]] = {
         "eager": TrainStep,
         "compile": CompiledTrainStep,
         "cudagraph": CudaGraphTrainStep,
         "functional": FunctionalTrainStep,
+        "optimizer_in_backward": OptimizerInBackwardTrainStep,
     }
     if mode not in classes:
         raise ValueError(f"train step mode {mode!r} is not one of {STEP_MODES}")

@@ -185,6 +185,10 @@ def test_validate_passes_on_every_shipped_config(config: str, capsys):
         ("~seed", "missing required key 'seed'"),
         ("~output_dir", "Interpolation key 'output_dir' not found"),
         ("batch_size=0", "batch_size must be positive"),
+        ("on_nonfinite=ignore", "on_nonfinite must be one of ('skip', 'stop')"),
+        ("fsdp.param_dtype=fp16", "fsdp.param_dtype must be one of ['bf16', 'fp32'] or null"),
+        ("fsdp.no_such_option=1", "got an unexpected keyword argument 'no_such_option'"),
+        ("fsdp.cpu_offload=true", "fsdp.cpu_offload=true needs device=cuda"),
     ],
 )
 def test_validate_reports_config_errors_on_one_line(override: str, message: str, capsys):

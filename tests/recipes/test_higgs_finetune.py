@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from recipe_testing import (
+    ENV,
+    REPO,
+    TUNE,
+    losses_by_step,
+    read_metrics,
+    recipe_command,
+    records_all,
+    run_recipe,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-TUNE = str(Path(sys.executable).parent / "tune")
 CODEBOOK_LOSS_KEYS = (
     "loss",
     "text_loss",
@@ -26,76 +32,6 @@ CODEBOOK_LOSS_KEYS = (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "make_synthetic.py"),
-            "--out",
-            str(out),
-            "--num-samples",
-            "240",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
-def recipe_command(output_dir: Path, synthetic: Path, *extra: str, nproc: int = 1) -> list[str]:
-    launcher = ["run"] if nproc == 1 else ["run", "--nproc_per_node", str(nproc)]
-    return [
-        TUNE,
-        *launcher,
-        "recipes/higgs_finetune",
-        "--config",
-        "configs/cpu_tiny.yaml",
-        f"output_dir={output_dir}",
-        f"dataset.path={synthetic / 'train.jsonl'}",
-        f"dataset.val_path={synthetic / 'val.jsonl'}",
-        "seq_len=256",
-        "dataset.text_ffn_capacity=128",
-        "dataset.audio_ffn_capacity=256",
-        "dataset.text_target_capacity=64",
-        "dataset.audio_target_capacity=256",
-        "log_every_n_steps=1",
-        "compile=false",  # eager here: each run would otherwise pay the compile warm-up
-        # the smallest model (the demo's is bigger): these tests check the recipe, not the demo's quality
-        "model.hidden_size=64",
-        "model.num_layers=2",
-        "model.head_dim=16",
-        "model.intermediate_size=128",
-        "generation.num_prompts=0",
-        *extra,
-    ]
-
-
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-
-
-def run_recipe(output_dir: Path, synthetic: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    args = recipe_command(output_dir, synthetic, *extra, nproc=nproc)
-    result = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def records_all(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    """The training-step records (validation and generation records carry no "loss")."""
-    return [record for record in records_all(output_dir) if "loss" in record]
-
-
-def losses_by_step(output_dir: Path) -> dict[int, float]:
-    """The last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
-    return {record["step"]: record["loss"] for record in read_metrics(output_dir)}
 
 
 def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, synthetic: Path):
@@ -147,19 +83,6 @@ def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, syntheti
     with torch.no_grad():
         exported = dict(model.named_parameters())["audio_codebook_embeddings.weight"]
     assert torch.isfinite(exported).all()
-
-
-def test_two_processes_give_the_single_process_losses(tmp_path: Path, synthetic: Path):
-    """torchrun with 2 ranks x 1 row == 1 process x 2 rows: the same rows form each global batch (the
-    sampler deals rows round-robin), the loss is a global token mean and gradients are summed."""
-    single, double = tmp_path / "single", tmp_path / "double"
-    run_recipe(single, synthetic, "max_steps=4", "batch_size=2")
-    run_recipe(double, synthetic, "max_steps=4", "batch_size=1", nproc=2)
-    losses_single = [r["loss"] for r in read_metrics(single)]
-    losses_double = [r["loss"] for r in read_metrics(double)]
-    assert len(losses_single) == len(losses_double) == 4
-    # fp32, different summation order across ranks: equal to ~1e-6 relative; 1e-4 leaves headroom.
-    assert losses_double == pytest.approx(losses_single, rel=1e-4)
 
 
 def test_sigkill_and_resume_continues_the_loss_curve_exactly(tmp_path: Path, synthetic: Path):
@@ -225,3 +148,25 @@ def test_a_user_copy_of_recipe_and_config_runs_after_editing(tmp_path: Path, syn
     assert result.returncode == 0, result.stderr[-4000:]
     lrs = [record["lr"] for record in read_metrics(out)]
     assert lrs == pytest.approx([1.5e-3, 1.5e-3, 3.0e-3])  # ConstantLR: halved for 2 steps, then full
+
+
+def test_optimizer_in_backward_with_bf16_moments_trains_and_resumes_exactly(tmp_path: Path, synthetic: Path):
+    """The memory-saving optimizer from YAML: the recipe picks the optimizer_in_backward step; its
+    per-parameter state goes through the DCP checkpoint and the run resumes with identical losses."""
+    common = (
+        "max_steps=6",
+        "batch_size=2",
+        "save_every_n_steps=3",
+        "optimizer.in_backward=true",
+        "optimizer.moment_dtype=bf16",
+        "optimizer.lr_as_tensor=false",
+        "max_grad_norm=null",
+    )
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run_recipe(reference, synthetic, *common, "keep_last_n_checkpoints=3")
+    expected = losses_by_step(reference)
+    assert sorted(expected) == list(range(1, 7)) and expected[6] < expected[1]
+    step_3 = reference / "checkpoints" / "step_00000003"
+    shutil.copytree(step_3, resumed / "checkpoints" / step_3.name)
+    run_recipe(resumed, synthetic, *common, "resume_from_checkpoint=true")
+    assert losses_by_step(resumed) == {s: expected[s] for s in (4, 5, 6)}  # exact

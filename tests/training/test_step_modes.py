@@ -172,3 +172,44 @@ def test_cudagraph_matches_eager_on_cuda(batches, capture_optimizer):
         "cudagraph", batches, AlignedLoss(), device="cuda", capture_optimizer=capture_optimizer
     )
     assert_same_training(reference, candidate)
+
+
+class NaNOnSecondStepLoss(torch.nn.Module):
+    """AlignedLoss whose loss (and so every gradient) is NaN for the micro-batches of optimizer step 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = AlignedLoss()
+        self.calls = 0
+
+    def forward(self, *args):
+        output = self.inner(*args)
+        self.calls += 1
+        poisoned = 2 * ACCUMULATION - 1 <= self.calls <= 2 * ACCUMULATION
+        return output._replace(loss=output.loss * float("nan")) if poisoned else output
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_a_non_finite_step_updates_nothing_when_skip_nonfinite(batches, mode):
+    model = tiny_model(seed=1)
+    optimizer = build_optimizer(model.parameters(), lr=LR, weight_decay=0.01, lr_as_tensor=mode == "compile")
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=4)
+    step = build_train_step(mode, model, NaNOnSecondStepLoss(), optimizer, scheduler, skip_nonfinite=True)
+    skipped, snapshots = [], []
+    for i in range(3):
+        metrics = step(batches[i * ACCUMULATION : (i + 1) * ACCUMULATION])
+        skipped.append(metrics["update_skipped"].item())
+        snapshots.append(
+            (
+                [p.detach().clone() for p in model.parameters()],
+                [s["exp_avg"].clone() for s in optimizer.state.values()],
+            )
+        )
+    assert skipped == [0.0, 1.0, 0.0]
+    assert torch.isfinite(metrics["loss"])  # step 3's loss is finite again
+    (params_1, moments_1), (params_2, moments_2), (params_3, _) = snapshots
+    assert all(torch.equal(a, b) for a, b in zip(params_1, params_2))  # step 2 changed no parameter
+    assert all(torch.equal(a, b) for a, b in zip(moments_1, moments_2))  # ... and no optimizer state
+    assert not all(torch.equal(a, b) for a, b in zip(params_2, params_3))  # step 3 trained, finite
+    assert all(torch.isfinite(p).all() for p in params_3)
+    assert scheduler.last_epoch == 3  # the LR schedule advanced through the skipped step

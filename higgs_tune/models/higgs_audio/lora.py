@@ -140,20 +140,36 @@ def set_trainable(model: nn.Module, mode: str) -> list[str]:
     return [_clean(name) for name, param in model.named_parameters() if param.requires_grad]
 
 
+def _merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * B @ A`` in fp32, cast back to ``W``'s dtype. W [out, in], A [r, in], B [out, r]."""
+    return (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+
+
 def _merged_weight(module: LoRALinear) -> torch.Tensor:
-    delta = (module.alpha / module.rank) * (module.lora_b.weight.float() @ module.lora_a.weight.float())
-    return (module.weight.float() + delta).to(module.weight.dtype)
+    scale = module.alpha / module.rank
+    return _merge(module.weight, module.lora_a.weight, module.lora_b.weight, scale)
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The model's state dict with every LoRA adapter merged into its base weight (model unchanged):
-    the plain layout of the checkpoint adapter."""
-    state_dict = {_clean(k): v for k, v in model.state_dict().items()}
+    the plain layout of the checkpoint adapter.
+
+    Args:
+        model: gives the LoRA modules (names, rank, alpha).
+        state_dict: the tensors to merge (e.g. the full state dict gathered from an FSDP-sharded model);
+            None: ``model.state_dict()``.
+    """
+    source = model.state_dict() if state_dict is None else state_dict
+    merged = {_clean(k): v for k, v in source.items()}
     for name, module in lora_modules(model).items():
-        state_dict[f"{name}.weight"] = _merged_weight(module)
-        del state_dict[f"{name}.lora_a.weight"], state_dict[f"{name}.lora_b.weight"]
-    return state_dict
+        lora_a, lora_b = merged.pop(f"{name}.lora_a.weight"), merged.pop(f"{name}.lora_b.weight")
+        merged[f"{name}.weight"] = _merge(
+            merged[f"{name}.weight"], lora_a, lora_b, module.alpha / module.rank
+        )
+    return merged
 
 
 @torch.no_grad()
@@ -174,9 +190,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {_clean(k): v.detach() for k, v in get_adapter_params(model).items()}
 
 
-def save_adapter(model: nn.Module, path: str | Path) -> Path:
-    """Write the adapters alone to a safetensors file; rank/alpha per module go in its metadata."""
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+def save_adapter(
+    model: nn.Module, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write the adapters alone to a safetensors file; rank/alpha per module go in its metadata.
+
+    ``state_dict``: take the adapter tensors from this full state dict (clean names, e.g. gathered from
+    an FSDP-sharded model) instead of from the model's parameters."""
+    adapters = adapter_state_dict(model)
+    if state_dict is not None:
+        adapters = {k: state_dict[k] for k in adapters}
+    tensors = {k: v.contiguous().cpu() for k, v in adapters.items()}
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save")
     hyper = {name: [m.rank, m.alpha] for name, m in lora_modules(model).items()}
