@@ -386,13 +386,14 @@ class HiggsFinetuneRecipe:
             f"step {self.step}: validation loss {result['loss']:.4f} (audio {result['audio_loss']:.4f})"
         )
 
-    def generate_held_out(self) -> None:
+    def generate_held_out(self, full_state: dict[str, torch.Tensor] | None) -> None:
         """Speak the first ``generation.num_prompts`` held-out prompts greedily (rank 0) and report how
-        many of the reference answer's codes the model reproduces."""
+        many of the reference answer's codes the model reproduces. ``full_state``: see
+        :meth:`full_state_dict`."""
         gen_cfg = self.cfg.get("generation")
         if gen_cfg is None or not gen_cfg.get("num_prompts"):
             return
-        model = self._inference_model()  # FSDP runs: every rank helps gather rank 0's full copy
+        model = self._inference_model(full_state)
         if not self.dist.is_main:
             return
         layout = AudioLayout.from_model_config(model.args.to_hf_config())
@@ -418,19 +419,19 @@ class HiggsFinetuneRecipe:
         )
         self._log(f"greedy generation of {len(accuracies)} held-out prompts: code accuracy {mean:.4f}")
 
-    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """FSDP runs: the complete model state dict, on rank 0's CPU (every rank takes part in the
-        gather); one process: None (the model itself is complete)."""
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """FSDP runs: the complete model state dict, on rank 0's CPU (collective: every rank takes part
+        in the gather); one process: None (the model itself is complete)."""
         if not self.dist.is_distributed:
             return None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
 
-    def _inference_model(self) -> torch.nn.Module | None:
+    def _inference_model(self, full_state: dict[str, torch.Tensor] | None) -> torch.nn.Module | None:
         """The model to generate with: the trained model itself, or in FSDP runs an unsharded copy on
-        rank 0 (LoRA merged; None on the other ranks), so rank 0 generates without the other ranks."""
-        full_state = self._full_state_dict()
-        if full_state is None:
+        rank 0 built from ``full_state`` (LoRA merged; None on the other ranks), so rank 0 generates
+        without the other ranks."""
+        if not self.dist.is_distributed:
             return self.model
         if not self.dist.is_main:
             return None
@@ -490,10 +491,9 @@ class HiggsFinetuneRecipe:
         self._log(message)
 
     # ------------------------------------------------------------------ export / cleanup
-    def save_export(self) -> None:
-        """Write ``<output_dir>/hf`` in Boson's layout, with the tokenizer files (rank 0; a sharded
-        model is first gathered, every rank taking part)."""
-        full_state = self._full_state_dict()
+    def save_export(self, full_state: dict[str, torch.Tensor] | None) -> None:
+        """Write ``<output_dir>/hf`` in Boson's layout, with the tokenizer files (rank 0; FSDP runs
+        from ``full_state``, see :meth:`full_state_dict`)."""
         if not self.dist.is_main:
             return
         # LoRA runs export merged weights (loadable as a plain checkpoint) and the adapter alone.
@@ -531,8 +531,9 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe.setup()
     recipe.train()
     recipe.validate()
-    recipe.generate_held_out()
-    recipe.save_export()
+    full_state = recipe.full_state_dict()  # FSDP runs: the shards gathered once, for both
+    recipe.generate_held_out(full_state)
+    recipe.save_export(full_state)
     recipe.cleanup()
 
 

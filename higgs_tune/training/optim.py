@@ -31,6 +31,7 @@ inside the backward pass (gradient accumulation 1, no global-norm clipping; see
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any
@@ -86,41 +87,31 @@ def build_optimizer(
         raise ValueError(f"implementation {implementation!r} is not one of {ADAMW_IMPLEMENTATIONS}")
     if moment_dtype not in MOMENT_DTYPES:
         raise ValueError(f"moment_dtype {moment_dtype!r} is not one of {MOMENT_DTYPES}")
+    # The optimizer that in_backward / master_weights wrap: this function with the same settings.
+    build_inner = functools.partial(
+        build_optimizer,
+        name=name,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        implementation=implementation,
+        lr_as_tensor=lr_as_tensor,
+        capturable=capturable,
+        moment_dtype=moment_dtype,
+    )
     if in_backward:
         if master_weights:
             raise ValueError("in_backward does not support master_weights")
 
         def one_parameter_optimizer(param: torch.nn.Parameter, index: int) -> torch.optim.Optimizer:
-            return build_optimizer(
-                [param],
-                name,
-                lr,
-                betas,
-                eps,
-                weight_decay,
-                implementation,
-                lr_as_tensor,
-                capturable,
-                moment_dtype=moment_dtype,
-                rounding_seed=rounding_seed + index,  # bf16 moments: the pattern of one optimizer
-            )
+            # bf16 moments: each parameter's own rounding pattern, as one optimizer over all of them
+            return build_inner([param], rounding_seed=rounding_seed + index)
 
         return OptimizerInBackward(params, one_parameter_optimizer)
     if master_weights:
         masters = [p.detach().float().clone().requires_grad_(True) for p in params]
-        inner = build_optimizer(
-            masters,
-            name,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            implementation,
-            lr_as_tensor,
-            capturable,
-            moment_dtype=moment_dtype,
-            rounding_seed=rounding_seed,
-        )
+        inner = build_inner(masters, rounding_seed=rounding_seed)
         return MasterWeightsOptimizer(params, masters, inner)
 
     lr_value: float | torch.Tensor = float(lr)
