@@ -221,6 +221,19 @@ def _check_contract(resolved: dict[str, Any]) -> list[str]:
         errors.append(
             f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {resolved.get('on_nonfinite')!r}"
         )
+    audio_decoder = (resolved.get("generation") or {}).get("audio_decoder")
+    if audio_decoder is not None:  # Boson's audio tokenizer folder (generated speech -> waveforms)
+        if not isinstance(audio_decoder, str):
+            errors.append(f"generation.audio_decoder: expected a folder path, got {audio_decoder!r}")
+        else:
+            missing = [
+                name for name in ("config.json", "model.pth") if not (Path(audio_decoder) / name).is_file()
+            ]
+            if missing:
+                errors.append(
+                    f"generation.audio_decoder: no {' or '.join(missing)} in {audio_decoder} "
+                    "(expected a local copy of bosonai/higgs-audio-v2-tokenizer)"
+                )
     fsdp = resolved.get("fsdp")
     if fsdp is not None:  # the optional FSDP2 options (torchrun runs): the fields of FSDPOptions
         from higgs_tune.training.parallelize import FSDPOptions

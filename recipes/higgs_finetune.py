@@ -49,6 +49,7 @@ from higgs_tune.generation import (
     held_out_speech_prompts,
 )
 from higgs_tune.loss import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
+from higgs_tune.models.audio_decoder import AudioCodecDecoder, write_wav
 from higgs_tune.models.higgs_audio.builders import build_model, from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import save_hf_checkpoint
 from higgs_tune.models.higgs_audio.lora import (
@@ -184,6 +185,7 @@ class HiggsFinetuneRecipe:
         )
         self.metric_logger = config.instantiate(cfg.metric_logger, rank=self.dist.rank)
         self.metric_logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))
+        self.audio_decoder = self._setup_audio_decoder(audio_layout)
         self.alignment_layout = AlignmentLayout(
             audio_in_token_id=self.tokenizer.special.audio_in,
             audio_out_token_id=self.tokenizer.special.audio_out,
@@ -366,6 +368,28 @@ class HiggsFinetuneRecipe:
         )
         return record
 
+    def _setup_audio_decoder(self, audio_layout: AudioLayout) -> AudioCodecDecoder | None:
+        """Boson's audio tokenizer's decoder (``generation.audio_decoder``: its folder), on rank 0's CPU,
+        loaded now so that a wrong folder fails before training; generated speech becomes waveforms."""
+        path = (self.cfg.get("generation") or {}).get("audio_decoder")
+        if path is None or not self.dist.is_main:
+            return None
+        decoder = AudioCodecDecoder.from_pretrained(path)
+        if (decoder.num_codebooks, decoder.codebook_size) != (
+            audio_layout.num_codebooks,
+            audio_layout.codebook_size,
+        ):
+            raise ValueError(
+                f"generation.audio_decoder {path}: {decoder.num_codebooks} codebooks of {decoder.codebook_size} "
+                f"codes, the model has {audio_layout.num_codebooks} of {audio_layout.codebook_size}"
+            )
+        if not hasattr(self.metric_logger, "log_audio"):
+            raise TypeError(
+                f"generation.audio_decoder needs a metric logger with log_audio (HiggsMetricLogger); "
+                f"{type(self.metric_logger).__name__} has none"
+            )
+        return decoder
+
     # ------------------------------------------------------------------ validation / generation
     def validate(self) -> None:
         """Losses and teacher-forced accuracies on the held-out split, as token means over all of it."""
@@ -391,7 +415,7 @@ class HiggsFinetuneRecipe:
         many of the reference answer's codes the model reproduces. ``full_state``: see
         :meth:`full_state_dict`."""
         gen_cfg = self.cfg.get("generation")
-        if gen_cfg is None or not gen_cfg.get("num_prompts"):
+        if gen_cfg is None or not gen_cfg.get("num_prompts") or gen_cfg.get("manifest") is None:
             return
         model = self._inference_model(full_state)
         if not self.dist.is_main:
@@ -411,6 +435,8 @@ class HiggsFinetuneRecipe:
             generated = result.audio_codes[0] if result.audio_codes else torch.zeros(layout.num_codebooks, 0)
             np.save(out_dir / f"sample_{index:03d}.npy", generated.numpy().astype(np.int16))
             accuracies.append(code_accuracy(generated, held_out.reference_codes[0]))
+            if self.audio_decoder is not None:
+                self._log_speech(index, generated, held_out.reference_codes[0], out_dir)
         model.train(was_training)
         mean = sum(accuracies) / len(accuracies)
         self.metric_logger.log_dict(
@@ -418,6 +444,16 @@ class HiggsFinetuneRecipe:
             step=self.step,
         )
         self._log(f"greedy generation of {len(accuracies)} held-out prompts: code accuracy {mean:.4f}")
+
+    def _log_speech(self, index: int, generated: torch.Tensor, reference: np.ndarray, out_dir: Path) -> None:
+        """Generated and reference codes [K, T] as waveforms: TensorBoard audio and wav files."""
+        rate = self.audio_decoder.sample_rate
+        for kind, codes in (("generated", generated), ("reference", torch.from_numpy(reference))):
+            if codes.shape[1] == 0:  # nothing spoken: no waveform (its accuracy is already 0)
+                continue
+            waveform = self.audio_decoder(codes[None].long())[0]  # [T * hop_length]
+            self.metric_logger.log_audio(f"generation/{index:03d}_{kind}", waveform, rate, step=self.step)
+            write_wav(out_dir / f"sample_{index:03d}_{kind}.wav", waveform, rate)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """FSDP runs: the complete model state dict, on rank 0's CPU (collective: every rank takes part

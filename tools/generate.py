@@ -2,7 +2,7 @@
 
     python tools/generate.py --checkpoint DIR --text "..." [--tokenizer PATH] [--system "..."]
         [--greedy | --temperature T --top-k K --top-p P] [--seed S] [--max-new-columns N]
-        [--out codes.npy] [--manifest M --index I] [--no-force-audio] [--audio-decoder boson:/path]
+        [--out codes.npy] [--manifest M --index I] [--no-force-audio] [--audio-decoder DIR]
 
 Prompt (``higgs_tune.generation.build_prompt``):
 
@@ -20,9 +20,10 @@ outputs, or patience.
 
 Writes ``--out`` (default ``codes.npy``): the codes [K, T] of the first generated audio segment
 (delay reverted, stream BOS/EOS dropped, as the serve engine decodes them); further segments go to
-``<out>.1.npy``, ... With ``--audio-decoder boson:/path/to/higgs-audio-v2-tokenizer`` (Boson's audio
-tokenizer weights and ``boson_multimodal`` installed), also writes ``<out>.wav`` (24 kHz, all segments
-concatenated). The last line of stdout is one JSON object describing the result.
+``<out>.1.npy``, ... With ``--audio-decoder /path/to/higgs-audio-v2-tokenizer`` (a local copy of Boson's
+audio tokenizer: ``config.json`` + ``model.pth``), also writes ``<out>.wav`` (24 kHz, all segments
+concatenated), decoded by ``higgs_tune.models.audio_decoder`` (Boson's decode path, without its HuBERT
+download and torchaudio). The last line of stdout is one JSON object describing the result.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ import torch
 from higgs_tune.data.document import AudioLayout
 from higgs_tune.data.tokenizer import HiggsTokenizer
 from higgs_tune.generation import GenerationTokens, SamplingConfig, build_prompt, generate, held_out_prompt
+from higgs_tune.models.audio_decoder import AudioCodecDecoder, write_wav
 from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import read_hf_config
 
@@ -61,32 +62,19 @@ def manifest_prompt(manifest: Path, index: int, text: str | None) -> tuple[list[
     return messages, codes
 
 
-def decode_with_boson(spec: str, segments: list[np.ndarray], out_wav: Path) -> None:
-    """Decode codes [K, T] segments with Boson's audio tokenizer (``boson:/path``) into a 24 kHz wav."""
-    kind, _, path = spec.partition(":")
-    if kind != "boson" or not path:
-        raise SystemExit(f"--audio-decoder must be boson:/path/to/audio-tokenizer, got {spec!r}")
+def load_audio_decoder(path: str, model_args, device: torch.device) -> AudioCodecDecoder:
+    """Boson's audio tokenizer's decoder from its folder, checked against the model's codebooks."""
     try:
-        from boson_multimodal.audio_processing.higgs_audio_tokenizer import load_higgs_audio_tokenizer
-    except ImportError as error:
-        raise SystemExit(f"--audio-decoder boson:... needs boson_multimodal ({error})") from None
-    if not (Path(path) / "model.pth").is_file():
-        raise SystemExit(f"no Boson audio tokenizer weights (model.pth) in {path}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    codec = load_higgs_audio_tokenizer(path, device=device)
-    waves = []
-    for codes in segments:
-        decoded = codec.decode(torch.from_numpy(codes.astype(np.int64))[None].to(device))  # [1, 1, samples]
-        if isinstance(decoded, torch.Tensor):
-            decoded = decoded.detach().float().cpu().numpy()
-        waves.append(np.asarray(decoded)[0, 0])
-    audio = np.concatenate(waves) if waves else np.zeros(0, dtype=np.float32)
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
-    with wave.open(str(out_wav), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(int(codec.sampling_rate))
-        f.writeframes(pcm.tobytes())
+        decoder = AudioCodecDecoder.from_pretrained(path, device=device)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--audio-decoder: {error}") from None
+    layout = AudioLayout.from_model_config(model_args.to_hf_config())
+    if (decoder.num_codebooks, decoder.codebook_size) != (layout.num_codebooks, layout.codebook_size):
+        raise SystemExit(
+            f"--audio-decoder {path}: {decoder.num_codebooks} codebooks of {decoder.codebook_size} codes, "
+            f"the model has {layout.num_codebooks} of {layout.codebook_size}"
+        )
+    return decoder
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--out", type=Path, default=Path("codes.npy"), help="codes of the first segment (.npy)"
     )
-    parser.add_argument("--audio-decoder", default=None, help="boson:/path/to/higgs-audio-v2-tokenizer")
+    parser.add_argument(
+        "--audio-decoder", default=None, help="Boson's audio tokenizer folder (config.json + model.pth)"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
         "--dtype",
@@ -154,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(str(error)) from None
     model = from_checkpoint_dir(args.checkpoint, dtype=dtype, device=device).eval()
     tokens = GenerationTokens.from_tokenizer(tokenizer, model.args)
+    decoder = (
+        None if args.audio_decoder is None else load_audio_decoder(args.audio_decoder, model.args, device)
+    )
 
     if args.manifest is not None:
         messages, codes = manifest_prompt(args.manifest, args.index, args.text)
@@ -182,9 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not segments:
         print("the model generated no audio segment (see generated_text)", file=sys.stderr)
     wav = None
-    if args.audio_decoder is not None and segments:
+    if decoder is not None and segments:
         wav = args.out.with_suffix(".wav")
-        decode_with_boson(args.audio_decoder, segments, wav)
+        waveform = torch.cat(
+            [decoder(torch.from_numpy(codes.astype(np.int64))[None])[0] for codes in segments]
+        )
+        write_wav(wav, waveform, decoder.sample_rate)
     summary = {
         "prompt_positions": len(prompt),
         "generated_text": tokenizer.decode(result.text_ids.tolist()),

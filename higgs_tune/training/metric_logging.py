@@ -4,7 +4,8 @@
 ``<output_dir>/metrics.jsonl`` one JSON object per logged step (design.md §6). Values may be Python
 numbers or tensors; tensors are converted here, at logging time, so the training step itself never
 synchronises with the host. A tensor with several elements (per-codebook losses) is written as
-``name/0 .. name/K-1`` to TensorBoard and as a list to the JSON line.
+``name/0 .. name/K-1`` to TensorBoard and as a list to the JSON line. Waveforms (generated speech, when
+an audio decoder is configured) go to TensorBoard's audio tab only.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ class HiggsMetricLogger:
         self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
         self._jsonl.flush()
         return record
+
+    def log_audio(self, tag: str, waveform: torch.Tensor, sample_rate: int, step: int) -> None:
+        """A mono waveform ``[samples]`` (clipped to [-1, 1]) as TensorBoard audio under ``tag``."""
+        if self.rank == 0:
+            clipped = waveform.detach().float().cpu().clamp(-1.0, 1.0)[None]  # [1, samples]
+            self._writer.add_audio(tag, clipped, step, sample_rate=sample_rate)
+            self._writer.flush()
 
     def log_config(self, config_yaml: str) -> None:
         if self.rank == 0:

@@ -189,6 +189,10 @@ def test_validate_passes_on_every_shipped_config(config: str, capsys):
         ("fsdp.param_dtype=fp16", "fsdp.param_dtype must be one of ['bf16', 'fp32'] or null"),
         ("fsdp.no_such_option=1", "got an unexpected keyword argument 'no_such_option'"),
         ("fsdp.cpu_offload=true", "fsdp.cpu_offload=true needs device=cuda"),
+        (
+            "generation.audio_decoder=/no/such/tokenizer",
+            "generation.audio_decoder: no config.json or model.pth in /no/such/tokenizer",
+        ),
     ],
 )
 def test_validate_reports_config_errors_on_one_line(override: str, message: str, capsys):

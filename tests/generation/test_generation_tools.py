@@ -12,11 +12,13 @@ import json
 import shutil
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from boson_codec import SMALL_CONFIG, write_boson_codec
 
 from higgs_tune import boson_reference as reference
 from higgs_tune.data.batch import IGNORE_INDEX, PackingSpec
@@ -27,6 +29,7 @@ from higgs_tune.data.tokenizer import HiggsTokenizer
 from higgs_tune.evaluation import evaluate
 from higgs_tune.loss import AlignedLoss
 from higgs_tune.loss.reference import reference_loss
+from higgs_tune.models.audio_decoder import AudioCodecDecoder
 from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir, higgs_audio_tiny
 from higgs_tune.models.higgs_audio.checkpoint import save_model
 
@@ -176,6 +179,29 @@ def test_generate_tool_runs_as_a_script(setup, tmp_path):
     assert summary["segments"] == [[8, 14 - 8 - 1]]
     codes = np.load(out)
     assert codes.shape == (8, 5) and codes.min() >= 0 and codes.max() < 1024
+    assert summary["wav"] is None
+
+
+def test_generate_tool_writes_the_waveform_with_an_audio_decoder(setup, tmp_path):
+    root, checkpoint, _ = setup
+    codec = tmp_path / "audio_tokenizer"
+    write_boson_codec(codec, SMALL_CONFIG)  # Boson's format and code, random weights, hop 8 at 200 Hz
+    out = tmp_path / "codes.npy"
+    summary = load_tool("generate").main(
+        ["--checkpoint", str(checkpoint), "--out", str(out), "--text", "the red cat"]
+        + ["--max-new-columns", "14", "--device", "cpu", "--audio-decoder", str(codec)]
+    )
+    assert summary["wav"] == str(tmp_path / "codes.wav")
+    codes = torch.from_numpy(np.load(out).astype(np.int64))
+    with wave.open(summary["wav"]) as f:
+        assert (f.getframerate(), f.getnframes()) == (200, codes.shape[1] * 8)
+        pcm = np.frombuffer(f.readframes(f.getnframes()), dtype=np.int16).astype(np.int32)
+    waveform = AudioCodecDecoder.from_pretrained(codec)(codes[None])[0]
+    assert np.abs(pcm - (waveform.clamp(-1, 1) * 32767).to(torch.int16).numpy()).max() <= 1
+    with pytest.raises(SystemExit, match="--audio-decoder: .*config.json not found"):
+        load_tool("generate").main(
+            ["--checkpoint", str(checkpoint), "--text", "x", "--audio-decoder", str(tmp_path / "none")]
+        )
 
 
 def test_generate_tool_from_a_manifest_voice_clone_prompt(setup, tmp_path, capsys):

@@ -7,10 +7,13 @@ import shutil
 import signal
 import subprocess
 import time
+import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from boson_codec import SMALL_CONFIG, write_boson_codec
 from recipe_testing import (
     ENV,
     REPO,
@@ -21,6 +24,9 @@ from recipe_testing import (
     records_all,
     run_recipe,
 )
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from higgs_tune.models.audio_decoder import AudioCodecDecoder
 
 CODEBOOK_LOSS_KEYS = (
     "loss",
@@ -36,6 +42,9 @@ pytestmark = pytest.mark.slow
 
 def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, synthetic: Path):
     out = tmp_path / "run"
+    # Boson's audio tokenizer (random weights, written by Boson's code), small: hop 8 at 200 Hz.
+    codec = tmp_path / "audio_tokenizer"
+    write_boson_codec(codec, SMALL_CONFIG)
     run_recipe(
         out,
         synthetic,
@@ -46,6 +55,7 @@ def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, syntheti
         "eval_every_n_steps=20",
         "generation.num_prompts=2",
         "generation.max_new_columns=40",
+        f"generation.audio_decoder={codec}",
     )
     records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(1, 41))
@@ -73,6 +83,7 @@ def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, syntheti
     generation = [r for r in records_all(out) if "generation_code_accuracy" in r]
     assert len(generation) == 1 and len(generation[0]["generation_code_accuracy_per_prompt"]) == 2
     assert len(list((out / "generations").glob("sample_*.npy"))) == 2
+    check_speech_logged(out, codec, num_prompts=2)
 
     # The export loads unchanged in Boson's own model class, with no missing or unexpected keys.
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
@@ -83,6 +94,26 @@ def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, syntheti
     with torch.no_grad():
         exported = dict(model.named_parameters())["audio_codebook_embeddings.weight"]
     assert torch.isfinite(exported).all()
+
+
+def check_speech_logged(out: Path, codec: Path, num_prompts: int) -> None:
+    """With ``generation.audio_decoder``: every generated and reference answer is a wav file and a
+    TensorBoard audio record, and the generated one is the decoder's waveform of the saved codes."""
+    decoder = AudioCodecDecoder.from_pretrained(codec)
+    events = EventAccumulator(str(out / "logs"), size_guidance={"audio": 0})
+    events.Reload()
+    for index in range(num_prompts):
+        codes = torch.from_numpy(np.load(out / "generations" / f"sample_{index:03d}.npy").astype(np.int64))
+        for kind in ("generated", "reference"):
+            (record,) = events.Audio(f"generation/{index:03d}_{kind}")
+            assert record.sample_rate == 200 and record.content_type == "audio/wav"
+            with wave.open(str(out / "generations" / f"sample_{index:03d}_{kind}.wav")) as f:
+                assert f.getframerate() == 200 and f.getnframes() == record.length_frames
+                pcm = np.frombuffer(f.readframes(f.getnframes()), dtype=np.int16)
+            if kind == "generated":
+                assert len(pcm) == codes.shape[1] * 8 > 0
+                expected = (decoder(codes[None])[0].clamp(-1, 1) * 32767).to(torch.int16).numpy()
+                assert np.abs(pcm.astype(np.int32) - expected).max() <= 1
 
 
 def test_sigkill_and_resume_continues_the_loss_curve_exactly(tmp_path: Path, synthetic: Path):
