@@ -150,7 +150,7 @@ class HiggsFinetuneRecipe:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
-        self.loss_fn = config.instantiate(cfg.loss)
+        self.loss_fn = config.instantiate(cfg.loss).to(self.device)  # its buffers (codebook weights)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, trainable)
         self.lr_scheduler = config.instantiate(
@@ -170,6 +170,11 @@ class HiggsFinetuneRecipe:
             step_options.update(compile_blocks=cfg.compile, compile_loss=cfg.compile)
         if self.dist.is_distributed:
             step_mode = "eager"
+            if step_options:  # they configure the single-process modes (e.g. a100.yaml's compile_optimizer)
+                self._log(
+                    f"FSDP run: eager step around the compiled layers; step_options {step_options} unused"
+                )
+                step_options = {}
         self.on_nonfinite = cfg.get("on_nonfinite", "skip")  # skip | stop (validated with the config)
         self.train_step = build_train_step(
             step_mode,

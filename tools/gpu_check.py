@@ -6,16 +6,23 @@ for docs/benchmarks.md.
     python tools/gpu_check.py --device cpu --skip-bench   # the eager/compile part, to test the script
 
 1. Numerics: the tiny model, 5 optimizer steps with gradient accumulation 2 on the same synthetic packed
-   batches, in every mode (eager, compile, functional, cudagraph with eager fused AdamW, cudagraph with
-   the optimizer captured), fp32. Reports the largest loss and parameter difference to eager.
-2. Benchmark: ``tools/bench.py --config 3b --device cuda`` for our ``compile`` and ``cudagraph`` modes
-   against the reference step (bf16), tokens/s, step time, peak memory, MFU.
+   batches, in every mode, fp32: compile, functional, then cudagraph as the eager fallback (no capture,
+   first: a failed capture can leave the CUDA context unusable), with eager fused AdamW, with the
+   optimizer captured, with only the decoder blocks compiled, with the non-finite check the recipe
+   uses, and switched to after 2 eager steps with the optimizer captured (a resumed run: its optimizer
+   state must survive the warm-up). Reports the largest loss and parameter difference to eager.
+2. Benchmark: ``tools/bench.py --config 3b --device cuda``: the reference step once, then our ``compile``
+   and ``cudagraph`` modes (bf16): tokens/s, step time, peak memory, MFU, ratio to the reference.
+
+Every section is printed (and appended to ``--out``, by default ``$OUT/gpu_check.md`` when ``$OUT`` is
+set) as soon as it is done, so a run cut short by a time limit still reports what it finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -26,6 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO))
 
 NUM_STEPS, ACCUMULATION = 5, 2
 
@@ -52,7 +60,7 @@ def numerics(device: torch.device, data_dir: Path) -> list[str]:
             aligned_loss_module.checkpoint = lambda fn, *a, use_reentrant: fn(*a)  # this script only
             return AlignedLoss()
 
-    def train(mode: str, **options):
+    def train(mode: str, eager_steps_first: int = 0, **options):
         from higgs_tune.models.higgs_audio.builders import build_model
 
         torch.manual_seed(0)
@@ -68,9 +76,11 @@ def numerics(device: torch.device, data_dir: Path) -> list[str]:
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, 2, NUM_STEPS)
         loss_fn = transform_safe_loss() if mode == "functional" else AlignedLoss()
-        step = build_train_step(mode, model, loss_fn, optimizer, scheduler, 1.0, **options)
+        step = build_train_step("eager", model, loss_fn, optimizer, scheduler, 1.0)
         losses = []
         for i in range(NUM_STEPS):
+            if i == eager_steps_first:
+                step = build_train_step(mode, model, loss_fn, optimizer, scheduler, 1.0, **options)
             losses.append(step(batches[i * ACCUMULATION : (i + 1) * ACCUMULATION])["loss"].item())
         return torch.tensor(losses), [p.detach().float().cpu() for p in model.parameters()]
 
@@ -79,9 +89,12 @@ def numerics(device: torch.device, data_dir: Path) -> list[str]:
     variants = [("compile", {}), ("functional", {})]
     if device.type == "cuda":
         variants += [
+            ("cudagraph", {"capture": False}),
             ("cudagraph", {"capture_optimizer": False}),
             ("cudagraph", {"capture_optimizer": True}),
-            ("cudagraph", {"capture": False}),
+            ("cudagraph", {"compile_scope": "blocks"}),
+            ("cudagraph", {"skip_nonfinite": True}),
+            ("cudagraph", {"capture_optimizer": True, "eager_steps_first": 2}),
         ]
     for mode, options in variants:
         name = mode + (f" {options}" if options else "")
@@ -95,8 +108,73 @@ def numerics(device: torch.device, data_dir: Path) -> list[str]:
         except Exception as error:  # report and go on: the other modes' numbers are still wanted
             traceback.print_exc()
             rows.append(f"| {name} | FAILED: {type(error).__name__}: {str(error)[:200]} | | |")
+        print(rows[-1], file=sys.stderr, flush=True)
         torch._dynamo.reset()
     return rows
+
+
+class Report:
+    """Markdown lines, printed and appended to ``path`` (if any) as each section finishes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def add(self, *lines: str) -> None:
+        text = "\n".join(lines) + "\n"
+        print(text, end="", flush=True)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(text)
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Drop the previous side's compiled graphs, model and optimizer before the next one starts."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        allocated = torch.cuda.memory_allocated(device) / 2**30
+        print(f"CUDA memory still allocated before the next side: {allocated:.2f} GiB", file=sys.stderr)
+        if allocated > 1.0:
+            raise RuntimeError(f"{allocated:.2f} GiB still allocated from the previous side")
+
+
+def benchmark(report: Report, cli, data_dir: Path) -> None:
+    """The reference step once, then each of our modes; one table row per side as it finishes."""
+    import bench
+
+    common = ["--config", cli.bench_config, "--device", cli.device, "--steps", str(cli.steps)]
+    common += ["--warmup", str(cli.warmup)]
+    report.add(
+        "",
+        f"### Benchmark `{cli.bench_config}` ({bench.CONFIGS[cli.bench_config]})",
+        "",
+        f"`python tools/bench.py {' '.join(common)} --side reference` (then `--side ours --mode M`)",
+        "",
+        "| side | tokens/s | step time (s) | peak CUDA memory (GiB) | MFU | tokens/s vs reference |",
+        "|---|---|---|---|---|---|",
+    )
+    reference = None
+    for side, mode in (("reference", None), ("ours", "compile"), ("ours", "cudagraph")):
+        name = side if mode is None else f"ours `{mode}`"
+        try:
+            free_device_memory(torch.device(cli.device))
+            command = [*common, "--side", side, "--data-dir", str(data_dir)]
+            result = bench.main(command + (["--mode", mode] if mode else []))[side]
+        except Exception as error:  # report and go on: the other sides' numbers are still wanted
+            traceback.print_exc()
+            report.add(f"| {name} | FAILED: {type(error).__name__}: {str(error)[:200]} | | | | |")
+            continue
+        reference = result if mode is None else reference
+        memory = result.get("peak_mem_gib", result.get("peak_rss_gib", float("nan")))
+        mfu = f"{100 * result['mfu']:.1f}%" if "mfu" in result else "n/a"
+        ratio = f"{result['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else "n/a"
+        report.add(
+            f"| {name} | {result['tokens_per_s']:.1f} | {result['step_s']:.3f} | {memory:.2f} | {mfu} | {ratio} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,57 +184,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bench-config", default="3b")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="also append the report here")
     cli = parser.parse_args(argv)
     device = torch.device(cli.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             "gpu_check.py: CUDA is not available on this machine (use --device cpu to test the script)"
         )
-
-    import bench
-
-    out = ["## GPU results", ""]
+    out_path = cli.out or (Path(os.environ["OUT"]) / "gpu_check.md" if os.environ.get("OUT") else None)
+    report = Report(out_path)
+    report.add("## GPU results", "")
     if device.type == "cuda":
-        out.append(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    out += [
-        "",
-        f"### Step-mode numerics (tiny model, fp32, {NUM_STEPS} steps x accumulation {ACCUMULATION}, `python tools/gpu_check.py`)",
-        "",
-        "| mode | losses | max rel. loss diff to eager | max abs. param diff to eager |",
-        "|---|---|---|---|",
-    ]
+        report.add(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        out += numerics(device, Path(tmp) / "numerics")
-        print(f"numerics took {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        rows = numerics(device, Path(tmp) / "numerics")
+        report.add(
+            "",
+            f"### Step-mode numerics (tiny model, fp32, {NUM_STEPS} steps x accumulation {ACCUMULATION}, "
+            "`python tools/gpu_check.py`)",
+            "",
+            "| mode | losses | max rel. loss diff to eager | max abs. param diff to eager |",
+            "|---|---|---|---|",
+            *rows,
+        )
+        print(f"numerics took {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         if not cli.skip_bench:
-            for mode in ("compile", "cudagraph"):
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                out += ["", f"### Benchmark `{cli.bench_config}`, our mode `{mode}`", ""]
-                command = [
-                    "--config",
-                    cli.bench_config,
-                    "--device",
-                    cli.device,
-                    "--mode",
-                    mode,
-                    "--steps",
-                    str(cli.steps),
-                    "--warmup",
-                    str(cli.warmup),
-                    "--data-dir",
-                    str(Path(tmp) / "bench"),
-                ]
-                out.append(f"`python tools/bench.py {' '.join(command[:-2])}`")
-                out.append("")
-                try:
-                    out.append(bench.markdown(bench.main(command)))
-                except Exception as error:
-                    traceback.print_exc()
-                    out.append(f"FAILED: {type(error).__name__}: {str(error)[:300]}")
-    print("\n".join(out))
+            benchmark(report, cli, Path(tmp) / "bench")
 
 
 if __name__ == "__main__":

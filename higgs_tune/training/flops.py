@@ -12,8 +12,9 @@ import torch
 
 from higgs_tune.models.higgs_audio.config import HiggsAudioModelArgs
 
-# Peak dense bf16 tensor-core FLOP/s, matched by substring of torch.cuda.get_device_name.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Peak dense bf16 tensor-core FLOP/s, matched by substring of torch.cuda.get_device_name, the first
+# match wins (so the PCIe and NVL H100s come before the SXM one, "NVIDIA H100 80GB HBM3").
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def matmul_params_per_token(args: HiggsAudioModelArgs) -> int:

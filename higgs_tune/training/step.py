@@ -358,8 +358,8 @@ class CudaGraphTrainStep(TrainStep):
 
     - Compiled before capture (inductor default mode, ``fullgraph=True``), ``compile_scope``:
       ``"forward_loss"`` (default: model + loss in one graph, as the compile mode), ``"blocks"`` (each
-      decoder layer; the loss stays eager, so it must not restore RNG state in backward, which CUDA
-      graph capture forbids: AlignedLoss's text-chunk checkpoint does unless built without it) or
+      decoder layer; the loss stays eager: it must not restore RNG state in backward, which CUDA graph
+      capture forbids; AlignedLoss's text-chunk checkpoint uses ``preserve_rng_state=False``) or
       ``"none"``. ``mode="reduce-overhead"`` is NOT used (broken with gradient accumulation on torch
       2.13).
     - Static input buffers: each micro-batch is copied into them (``copy_``), then the graph replays.
@@ -367,9 +367,11 @@ class CudaGraphTrainStep(TrainStep):
     - ``.grad`` stays allocated (``zero_grad(set_to_none=False)``): every replay ADDS into the same
       gradient memory, so gradient accumulation is N replays.
     - The loss and metrics are cloned after each replay (the next replay overwrites the outputs).
-    - Warm-up (compilation, autotuning, lazy optimizer state) runs on a side stream before capture;
-      its effect on parameters and optimizer state is undone, so the first real step starts exactly
-      where eager would.
+    - Warm-up (compilation, autotuning, lazy optimizer state) runs on a side stream before capture,
+      which uses the same stream; its effect on parameters and optimizer state is undone (a resumed
+      run's optimizer state is put back), so the first real step starts exactly where eager would.
+    - The loss module is moved to the model's device (a host buffer would be a host-to-device copy
+      inside the capture, which CUDA forbids).
     - Optimizer: eager (e.g. fused AdamW) by default; ``capture_optimizer=True`` captures clipping +
       ``optimizer.step`` in a second graph (AdamW/Adam with ``capturable=True`` and a tensor LR on
       the device; the LR scheduler writes the tensor in place).
@@ -416,6 +418,7 @@ class CudaGraphTrainStep(TrainStep):
                         f"capture_optimizer=True: param group {i} needs its lr in a tensor on {device} "
                         "(build_optimizer(..., lr_as_tensor=True, capturable=True))"
                     )
+        loss_fn.to(device)
         self.device = device
         self.capture = capture
         self.capture_optimizer = capture_optimizer and capture
@@ -481,7 +484,10 @@ class CudaGraphTrainStep(TrainStep):
         return super().clip_and_update()
 
     def _warm_up_and_capture(self) -> None:
-        params_before = [p.detach().clone() for p in self.trainable]
+        # Warm-up without the optimizer only adds into .grad (zeroed below). With it, one optimizer step
+        # runs: parameters and optimizer state (a resumed run's, or none yet) are snapshot to host
+        # memory first and put back after, so the first real step starts where eager would.
+        snapshot = self._snapshot_on_host() if self.capture_optimizer else None
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side_stream):
@@ -491,29 +497,51 @@ class CudaGraphTrainStep(TrainStep):
                 clamp_tensor_lr(self.optimizer)
                 self._clip_and_update_static()  # creates the optimizer state (lazily) outside capture
         torch.cuda.current_stream().wait_stream(side_stream)
-        self._undo_warm_up(params_before)
-
+        if snapshot is not None:
+            self._restore(*snapshot)
         self.optimizer.zero_grad(set_to_none=False)
+        torch.cuda.synchronize()
+
+        # Captured on the warm-up stream: its per-stream set-up (e.g. cuBLAS workspaces) is done.
         self._step_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._step_graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self._step_graph, stream=side_stream, capture_error_mode="thread_local"):
             self._static_output = self._forward_backward_static()
         if self.capture_optimizer:
             self._optimizer_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._optimizer_graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(
+                self._optimizer_graph, stream=side_stream, capture_error_mode="thread_local"
+            ):
                 self._static_grad_norm = self._clip_and_update_static()
         # Capturing does not run the kernels: the gradients are still zero, nothing has been applied.
 
     @torch.no_grad()
-    def _undo_warm_up(self, params_before: list[torch.Tensor]) -> None:
-        """Restore the parameters and reset the optimizer state in place (same storage: a captured
-        optimizer graph reads it). Zeroed state is AdamW's fresh state (step 0, zero moments)."""
-        for param, before in zip(self.trainable, params_before):
+    def _snapshot_on_host(self) -> tuple[list[torch.Tensor], dict[tuple[int, str], torch.Tensor]]:
+        """Copies, in host memory, of the trainable parameters and of the optimizer state that exists."""
+        params = [p.detach().to("cpu", copy=True) for p in self.trainable]
+        state = {
+            (id(param), key): value.to("cpu", copy=True)
+            for param, param_state in self.optimizer.state.items()
+            for key, value in param_state.items()
+            if torch.is_tensor(value)
+        }
+        return params, state
+
+    @torch.no_grad()
+    def _restore(self, params: list[torch.Tensor], state: dict[tuple[int, str], torch.Tensor]) -> None:
+        """Undo the warm-up's optimizer step in place (same storage: the captured optimizer graph reads
+        it): parameters and pre-existing state copied back; state the warm-up created is zeroed, which
+        is AdamW's fresh state (step 0, zero moments)."""
+        for param, before in zip(self.trainable, params):
             param.copy_(before)
-        for state in self.optimizer.state.values():
-            for value in state.values():
-                if torch.is_tensor(value):
+        for param, param_state in self.optimizer.state.items():
+            for key, value in param_state.items():
+                if not torch.is_tensor(value):
+                    continue
+                before = state.get((id(param), key))
+                if before is None:
                     value.zero_()
-        self.optimizer.zero_grad(set_to_none=False)
+                else:
+                    value.copy_(before)
 
     # ------------------------------------------------------------------ the step
     def accumulate_micro_batch(

@@ -39,8 +39,9 @@ def batches(manifest):
     return real_batches(manifest, tiny_model(), NUM_STEPS * ACCUMULATION)
 
 
-def run_steps(mode: str, batches, loss_fn, device="cpu", **mode_options):
-    """len(batches) / 2 optimizer steps with accumulation 2, warm-up + cosine LR.
+def run_steps(mode: str, batches, loss_fn, device="cpu", eager_steps_first: int = 0, **mode_options):
+    """len(batches) / 2 optimizer steps with accumulation 2, warm-up + cosine LR; the first
+    ``eager_steps_first`` steps in eager mode, on the same model and optimizer (as a resumed run).
 
     Returns (losses [steps], grad_norms [steps], trained model)."""
     num_steps = len(batches) // ACCUMULATION
@@ -59,9 +60,14 @@ def run_steps(mode: str, batches, loss_fn, device="cpu", **mode_options):
         capturable=cuda and tensor_lr,
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=num_steps)
-    step = build_train_step(mode, model, loss_fn, optimizer, scheduler, max_grad_norm=1.0, **mode_options)
     losses, grad_norms = [], []
     for i in range(num_steps):
+        if i == 0:
+            step = build_train_step("eager", model, loss_fn, optimizer, scheduler, max_grad_norm=1.0)
+        if i == eager_steps_first:
+            step = build_train_step(
+                mode, model, loss_fn, optimizer, scheduler, max_grad_norm=1.0, **mode_options
+            )
         micro = [
             {k: v.to(device) for k, v in b.items()}
             for b in batches[i * ACCUMULATION : (i + 1) * ACCUMULATION]
@@ -165,12 +171,20 @@ def test_unknown_mode_and_cudagraph_on_cpu_are_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("capture_optimizer", [False, True])
-def test_cudagraph_matches_eager_on_cuda(batches, capture_optimizer):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"capture_optimizer": False},
+        {"capture_optimizer": True},
+        {"compile_scope": "blocks"},
+        # a resumed run: the optimizer state of 2 eager steps must survive the warm-up's step
+        {"capture_optimizer": True, "eager_steps_first": 2},
+        {"capture_optimizer": False, "eager_steps_first": 2},
+    ],
+)
+def test_cudagraph_matches_eager_on_cuda(batches, options):
     reference = run_steps("eager", batches, AlignedLoss(), device="cuda")
-    candidate = run_steps(
-        "cudagraph", batches, AlignedLoss(), device="cuda", capture_optimizer=capture_optimizer
-    )
+    candidate = run_steps("cudagraph", batches, AlignedLoss(), device="cuda", **options)
     assert_same_training(reference, candidate)
 
 
