@@ -15,7 +15,8 @@ stands in for them before importing Boson's code:
   only by ``encode``).
 
 Everything on the decode path (RVQ, ``fc_post2``, the DAC decoder, ``decode`` itself, and
-``load_higgs_audio_tokenizer``) is Boson's and descript's code, unchanged.
+``load_higgs_audio_tokenizer``) is Boson's and descript's code, unchanged; so is Boson's serve engine
+(:func:`boson_serve_engine`), which imports the tokenizer module.
 """
 
 from __future__ import annotations
@@ -78,15 +79,36 @@ def _import_shims() -> dict[str, types.ModuleType]:
 
 
 @functools.cache
-def boson_tokenizer_module() -> types.ModuleType:
-    """``boson_multimodal.audio_processing.higgs_audio_tokenizer``, imported with the stand-ins of the
-    module docstring; they are in ``sys.modules`` only during this import, so no other test sees them."""
+def _import_with_shims(name: str) -> types.ModuleType:
+    """Import module ``name`` with the stand-ins of the module docstring; they (and the modules imported
+    meanwhile) are in ``sys.modules`` only during this import, so no other test sees them."""
+    # Boson's model, data and collator modules need no stand-in: imported first, they stay shared.
+    import boson_multimodal.data_collator.higgs_audio_collator  # noqa: F401
+    import boson_multimodal.dataset.chatml_dataset  # noqa: F401
+    import boson_multimodal.model.higgs_audio  # noqa: F401
     import transformers  # noqa: F401  (before the torchaudio stand-in: it probes for torchaudio)
 
-    name = "boson_multimodal.audio_processing.higgs_audio_tokenizer"
     with mock.patch.dict(sys.modules, _import_shims()):
-        module = importlib.import_module(name)
-    return module
+        return importlib.import_module(name)
+
+
+def boson_tokenizer_module() -> types.ModuleType:
+    """``boson_multimodal.audio_processing.higgs_audio_tokenizer`` (see the module docstring)."""
+    return _import_with_shims("boson_multimodal.audio_processing.higgs_audio_tokenizer")
+
+
+def boson_serve_engine(model_dir: Path, audio_tokenizer_dir: Path):
+    """Boson's ``HiggsAudioServeEngine`` on CPU in fp32, as its users build it: the model folder (with its
+    tokenizer files) and the audio tokenizer folder."""
+    module = _import_with_shims("boson_multimodal.serve.serve_engine")
+    with mock.patch("transformers.AutoModel.from_pretrained", _tiny_hubert):
+        return module.HiggsAudioServeEngine(
+            str(model_dir),
+            str(audio_tokenizer_dir),
+            device="cpu",
+            torch_dtype=torch.float32,
+            kv_cache_lengths=[1024],
+        )
 
 
 def _tiny_hubert(*args, **kwargs) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from boson_codec import SMALL_CONFIG, write_boson_codec
+from boson_codec import SMALL_CONFIG, boson_serve_engine, write_boson_codec
 from recipe_testing import (
     ENV,
     REPO,
@@ -26,7 +27,12 @@ from recipe_testing import (
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from higgs_tune.data.document import AudioLayout
+from higgs_tune.data.tokenizer import HiggsTokenizer
+from higgs_tune.generation import GenerationTokens, build_prompt, generate
 from higgs_tune.models.audio_decoder import AudioCodecDecoder
+from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
+from higgs_tune.models.higgs_audio.checkpoint import read_hf_config
 
 CODEBOOK_LOSS_KEYS = (
     "loss",
@@ -84,6 +90,9 @@ def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, syntheti
     assert len(generation) == 1 and len(generation[0]["generation_code_accuracy_per_prompt"]) == 2
     assert len(list((out / "generations").glob("sample_*.npy"))) == 2
     check_speech_logged(out, codec, num_prompts=2)
+    # the first held-out prompt (plain TTS), which the model above answered with speech
+    first_val = json.loads((synthetic / "val.jsonl").read_text().splitlines()[0])
+    check_boson_serve_engine(out / "hf", codec, first_val["messages"][:2])
 
     # The export loads unchanged in Boson's own model class, with no missing or unexpected keys.
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
@@ -114,6 +123,35 @@ def check_speech_logged(out: Path, codec: Path, num_prompts: int) -> None:
                 assert len(pcm) == codes.shape[1] * 8 > 0
                 expected = (decoder(codes[None])[0].clamp(-1, 1) * 32767).to(torch.int16).numpy()
                 assert np.abs(pcm.astype(np.int32) - expected).max() <= 1
+
+
+def check_boson_serve_engine(export: Path, codec: Path, messages: list[dict]) -> None:
+    """Boson's serve engine loads the export and the audio tokenizer folder unchanged; its greedy speech
+    for ``messages`` (repetition-aware sampling off) has exactly the codes of our generation, and its
+    waveform is our decoder's."""
+    from boson_multimodal.data_types import ChatMLSample, Message
+    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+
+    engine = boson_serve_engine(export, codec)
+    response = engine.generate(
+        chat_ml_sample=ChatMLSample(messages=[Message(**m) for m in messages]),
+        max_new_tokens=30,
+        temperature=0.0,
+        force_audio_gen=True,
+        ras_win_len=None,
+    )
+    # The serve engine's own decode input: delay reverted, clipped, stream BOS/EOS columns dropped.
+    codes = revert_delay_pattern(torch.as_tensor(response.generated_audio_tokens)).clip(0, 1023)[:, 1:-1]
+    model = from_checkpoint_dir(export, dtype="fp32", device="cpu").eval()
+    tokenizer = HiggsTokenizer.for_checkpoint(export, None)
+    prompt = build_prompt(
+        messages, tokenizer, AudioLayout.from_model_config(read_hf_config(export)), [], force_audio=True
+    )
+    ours = generate(model, prompt, GenerationTokens.from_tokenizer(tokenizer, model.args), max_new_columns=30)
+    assert codes.shape[1] > 0 and torch.equal(ours.audio_codes[0], codes.to(ours.audio_codes[0].dtype))
+    assert response.sampling_rate == 200
+    waveform = AudioCodecDecoder.from_pretrained(codec)(codes[None].long())[0]
+    torch.testing.assert_close(waveform, torch.from_numpy(response.audio), rtol=0, atol=1e-5)
 
 
 def test_sigkill_and_resume_continues_the_loss_curve_exactly(tmp_path: Path, synthetic: Path):
