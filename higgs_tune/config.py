@@ -221,19 +221,7 @@ def _check_contract(resolved: dict[str, Any]) -> list[str]:
         errors.append(
             f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {resolved.get('on_nonfinite')!r}"
         )
-    audio_decoder = (resolved.get("generation") or {}).get("audio_decoder")
-    if audio_decoder is not None:  # Boson's audio tokenizer folder (generated speech -> waveforms)
-        if not isinstance(audio_decoder, str):
-            errors.append(f"generation.audio_decoder: expected a folder path, got {audio_decoder!r}")
-        else:
-            missing = [
-                name for name in ("config.json", "model.pth") if not (Path(audio_decoder) / name).is_file()
-            ]
-            if missing:
-                errors.append(
-                    f"generation.audio_decoder: no {' or '.join(missing)} in {audio_decoder} "
-                    "(expected a local copy of bosonai/higgs-audio-v2-tokenizer)"
-                )
+    errors += _check_generation(resolved.get("generation") or {})
     fsdp = resolved.get("fsdp")
     if fsdp is not None:  # the optional FSDP2 options (torchrun runs): the fields of FSDPOptions
         from higgs_tune.training.parallelize import FSDPOptions
@@ -250,6 +238,46 @@ def _check_contract(resolved: dict[str, Any]) -> list[str]:
                 errors.append(_first_line(exc))
             if fsdp.get("cpu_offload") and resolved.get("device") != "cuda":
                 errors.append("fsdp.cpu_offload=true needs device=cuda (it offloads from GPU memory)")
+    return errors
+
+
+def _check_generation(generation: dict[str, Any]) -> list[str]:
+    """The optional ``generation`` node: sampling options, period, audio decoder folder."""
+    from higgs_tune.generation import SamplingConfig
+
+    errors = []
+    sampling = generation.get("sampling")
+    if sampling is not None:
+        if not isinstance(sampling, dict):
+            errors.append(
+                f"generation.sampling: expected a mapping of SamplingConfig fields, got {sampling!r}"
+            )
+        else:
+            signature_errors = _check_signature(
+                SamplingConfig, sampling, "generation.sampling", "SamplingConfig"
+            )
+            errors += signature_errors
+            if not signature_errors:
+                try:
+                    SamplingConfig(**sampling)
+                except ValueError as exc:
+                    errors.append(f"generation.sampling: {_first_line(exc)}")
+    every = generation.get("every_n_steps")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every <= 0):
+        errors.append(f"generation.every_n_steps must be a positive int or null, got {every!r}")
+    audio_decoder = generation.get("audio_decoder")
+    if audio_decoder is not None:  # Boson's audio tokenizer folder (generated speech -> waveforms)
+        if not isinstance(audio_decoder, str):
+            errors.append(f"generation.audio_decoder: expected a folder path, got {audio_decoder!r}")
+        else:
+            missing = [
+                name for name in ("config.json", "model.pth") if not (Path(audio_decoder) / name).is_file()
+            ]
+            if missing:
+                errors.append(
+                    f"generation.audio_decoder: no {' or '.join(missing)} in {audio_decoder} "
+                    "(expected a local copy of bosonai/higgs-audio-v2-tokenizer)"
+                )
     return errors
 
 

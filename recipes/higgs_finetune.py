@@ -43,6 +43,7 @@ from higgs_tune.data.document import AudioLayout
 from higgs_tune.evaluation import evaluate
 from higgs_tune.generation import (
     GenerationTokens,
+    SamplingConfig,
     build_prompt,
     code_accuracy,
     generate,
@@ -287,6 +288,9 @@ class HiggsFinetuneRecipe:
                     eval_every = cfg.get("eval_every_n_steps")
                     if eval_every and self.step % eval_every == 0 and self.step != self.total_steps:
                         self.validate()
+                    speak_every = (cfg.get("generation") or {}).get("every_n_steps")
+                    if speak_every and self.step % speak_every == 0 and self.step != self.total_steps:
+                        self.generate_held_out(self.full_state_dict())
                     if self.step % cfg.save_every_n_steps == 0 or self.step == self.total_steps:
                         self.save_checkpoint()
                     if self.step >= self.total_steps:
@@ -416,9 +420,10 @@ class HiggsFinetuneRecipe:
         )
 
     def generate_held_out(self, full_state: dict[str, torch.Tensor] | None) -> None:
-        """Speak the first ``generation.num_prompts`` held-out prompts greedily (rank 0) and report how
-        many of the reference answer's codes the model reproduces. ``full_state``: see
-        :meth:`full_state_dict`."""
+        """Speak the first ``generation.num_prompts`` held-out prompts (rank 0; greedy, or sampled with
+        ``generation.sampling`` from its own generator, so the training RNG is untouched) and report how
+        many of the reference answer's codes the model reproduces; codes (and waveforms) go to
+        ``<output_dir>/generations/step_<N>/``. ``full_state``: see :meth:`full_state_dict`."""
         gen_cfg = self.cfg.get("generation")
         if gen_cfg is None or not gen_cfg.get("num_prompts") or gen_cfg.get("manifest") is None:
             return
@@ -427,8 +432,12 @@ class HiggsFinetuneRecipe:
             return
         layout = AudioLayout.from_model_config(model.args.to_hf_config())
         tokens = GenerationTokens.from_tokenizer(self.tokenizer, model.args)
-        out_dir = self.output_dir / "generations"
+        out_dir = self.output_dir / "generations" / f"step_{self.step:08d}"
         out_dir.mkdir(parents=True, exist_ok=True)
+        sampling = SamplingConfig(**(gen_cfg.get("sampling") or {}))  # default: greedy
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(self.device).manual_seed(gen_cfg.get("seed", self.cfg.seed))
         accuracies = []
         was_training = model.training
         model.eval()
@@ -436,7 +445,14 @@ class HiggsFinetuneRecipe:
             prompt = build_prompt(
                 held_out.messages, self.tokenizer, layout, held_out.context_codes, force_audio=True
             )
-            result = generate(model, prompt, tokens, max_new_columns=gen_cfg.max_new_columns)
+            result = generate(
+                model,
+                prompt,
+                tokens,
+                max_new_columns=gen_cfg.max_new_columns,
+                sampling=sampling,
+                generator=generator,
+            )
             generated = result.audio_codes[0] if result.audio_codes else torch.zeros(layout.num_codebooks, 0)
             np.save(out_dir / f"sample_{index:03d}.npy", generated.numpy().astype(np.int16))
             accuracies.append(code_accuracy(generated, held_out.reference_codes[0]))

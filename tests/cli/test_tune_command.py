@@ -190,6 +190,12 @@ def test_validate_passes_on_every_shipped_config(config: str, capsys):
         ("fsdp.no_such_option=1", "got an unexpected keyword argument 'no_such_option'"),
         ("fsdp.cpu_offload=true", "fsdp.cpu_offload=true needs device=cuda"),
         (
+            "generation.sampling={greedy: false, temperature: 0}",
+            "generation.sampling: temperature must be > 0",
+        ),
+        ("generation.sampling={temp: 1}", "generation.sampling: SamplingConfig got an unexpected keyword"),
+        ("generation.every_n_steps=0", "generation.every_n_steps must be a positive int or null, got 0"),
+        (
             "generation.audio_decoder=/no/such/tokenizer",
             "generation.audio_decoder: no config.json or model.pth in /no/such/tokenizer",
         ),

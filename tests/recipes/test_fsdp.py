@@ -60,7 +60,7 @@ def test_two_fsdp_processes_train_like_one_process_and_export_the_same_model(
     assert "model:" in result.stderr  # rank 0 logs; metrics come from rank 0 with global values
     # Rank 0 generated with an unsharded copy (the other ranks only helped gather it).
     assert "greedy generation of 1 held-out prompts" in result.stderr
-    assert (sharded / "generations" / "sample_000.npy").is_file()
+    assert (sharded / "generations" / "step_00000004" / "sample_000.npy").is_file()
     losses_single = [r["loss"] for r in read_metrics(single)]
     losses_sharded = [r["loss"] for r in read_metrics(sharded)]
     assert len(losses_single) == len(losses_sharded) == 4

@@ -61,6 +61,7 @@ def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, syntheti
         "eval_every_n_steps=20",
         "generation.num_prompts=2",
         "generation.max_new_columns=40",
+        "generation.every_n_steps=20",
         f"generation.audio_decoder={codec}",
     )
     records = read_metrics(out)
@@ -87,9 +88,11 @@ def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, syntheti
     assert [r["step"] for r in validation] == [20, 40]  # every eval_every_n_steps and at the end
     assert len(validation[-1]["val_codebook_accuracy"]) == 8
     generation = [r for r in records_all(out) if "generation_code_accuracy" in r]
-    assert len(generation) == 1 and len(generation[0]["generation_code_accuracy_per_prompt"]) == 2
-    assert len(list((out / "generations").glob("sample_*.npy"))) == 2
-    check_speech_logged(out, codec, num_prompts=2)
+    assert [r["step"] for r in generation] == [20, 40]  # every generation.every_n_steps and at the end
+    assert len(generation[-1]["generation_code_accuracy_per_prompt"]) == 2
+    for step in (20, 40):
+        assert len(list((out / "generations" / f"step_{step:08d}").glob("sample_*.npy"))) == 2
+    check_speech_logged(out, codec, num_prompts=2, steps=[20, 40])
     # the first held-out prompt (plain TTS), which the model above answered with speech
     first_val = json.loads((synthetic / "val.jsonl").read_text().splitlines()[0])
     check_boson_serve_engine(out / "hf", codec, first_val["messages"][:2])
@@ -105,24 +108,28 @@ def test_trains_logs_and_exports_a_boson_loadable_model(tmp_path: Path, syntheti
     assert torch.isfinite(exported).all()
 
 
-def check_speech_logged(out: Path, codec: Path, num_prompts: int) -> None:
-    """With ``generation.audio_decoder``: every generated and reference answer is a wav file and a
-    TensorBoard audio record, and the generated one is the decoder's waveform of the saved codes."""
+def check_speech_logged(out: Path, codec: Path, num_prompts: int, steps: list[int]) -> None:
+    """With ``generation.audio_decoder``: at every generation step, every generated and reference answer
+    is a wav file and a TensorBoard audio record, and the generated one is the decoder's waveform of the
+    saved codes."""
     decoder = AudioCodecDecoder.from_pretrained(codec)
     events = EventAccumulator(str(out / "logs"), size_guidance={"audio": 0})
     events.Reload()
     for index in range(num_prompts):
-        codes = torch.from_numpy(np.load(out / "generations" / f"sample_{index:03d}.npy").astype(np.int64))
         for kind in ("generated", "reference"):
-            (record,) = events.Audio(f"generation/{index:03d}_{kind}")
-            assert record.sample_rate == 200 and record.content_type == "audio/wav"
-            with wave.open(str(out / "generations" / f"sample_{index:03d}_{kind}.wav")) as f:
-                assert f.getframerate() == 200 and f.getnframes() == record.length_frames
-                pcm = np.frombuffer(f.readframes(f.getnframes()), dtype=np.int16)
-            if kind == "generated":
-                assert len(pcm) == codes.shape[1] * 8 > 0
-                expected = (decoder(codes[None])[0].clamp(-1, 1) * 32767).to(torch.int16).numpy()
-                assert np.abs(pcm.astype(np.int32) - expected).max() <= 1
+            records = events.Audio(f"generation/{index:03d}_{kind}")
+            assert [record.step for record in records] == steps
+            for step, record in zip(steps, records):
+                folder = out / "generations" / f"step_{step:08d}"
+                assert record.sample_rate == 200 and record.content_type == "audio/wav"
+                with wave.open(str(folder / f"sample_{index:03d}_{kind}.wav")) as f:
+                    assert f.getframerate() == 200 and f.getnframes() == record.length_frames
+                    pcm = np.frombuffer(f.readframes(f.getnframes()), dtype=np.int16)
+                if kind == "generated":
+                    codes = torch.from_numpy(np.load(folder / f"sample_{index:03d}.npy").astype(np.int64))
+                    assert len(pcm) == codes.shape[1] * 8 > 0
+                    expected = (decoder(codes[None])[0].clamp(-1, 1) * 32767).to(torch.int16).numpy()
+                    assert np.abs(pcm.astype(np.int32) - expected).max() <= 1
 
 
 def check_boson_serve_engine(export: Path, codec: Path, messages: list[dict]) -> None:
@@ -152,6 +159,27 @@ def check_boson_serve_engine(export: Path, codec: Path, messages: list[dict]) ->
     assert response.sampling_rate == 200
     waveform = AudioCodecDecoder.from_pretrained(codec)(codes[None].long())[0]
     torch.testing.assert_close(waveform, torch.from_numpy(response.audio), rtol=0, atol=1e-5)
+
+
+def test_sampled_generation_during_training_leaves_the_training_unchanged(tmp_path: Path, synthetic: Path):
+    """Generation every 2 steps, sampled from its own seeded generator, between the steps of the run: the
+    loss curve is exactly the one of a run that never generates (CPU eager)."""
+    common = ("max_steps=4", "batch_size=2", "generation.max_new_columns=20")
+    run_recipe(tmp_path / "quiet", synthetic, *common)
+    run_recipe(
+        tmp_path / "speaking",
+        synthetic,
+        *common,
+        "generation.num_prompts=1",
+        "generation.every_n_steps=2",
+        "generation.sampling={greedy: false, temperature: 1.0, top_k: 20}",
+    )
+    assert losses_by_step(tmp_path / "speaking") == losses_by_step(tmp_path / "quiet")
+    generation = [r for r in records_all(tmp_path / "speaking") if "generation_code_accuracy" in r]
+    assert [r["step"] for r in generation] == [2, 4]
+    for step in (2, 4):
+        codes = np.load(tmp_path / "speaking" / "generations" / f"step_{step:08d}" / "sample_000.npy")
+        assert codes.shape[0] == 8 and codes.min() >= 0 and codes.max() < 1024
 
 
 def test_sigkill_and_resume_continues_the_loss_curve_exactly(tmp_path: Path, synthetic: Path):
