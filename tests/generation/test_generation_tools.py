@@ -204,6 +204,29 @@ def test_generate_tool_writes_the_waveform_with_an_audio_decoder(setup, tmp_path
         )
 
 
+def test_decode_codes_tool(tmp_path):
+    codec = tmp_path / "audio_tokenizer"
+    write_boson_codec(codec, SMALL_CONFIG)
+    codes = np.random.default_rng(0).integers(0, 1024, size=(2, 8, 5)).astype(np.int16)
+    for i in range(2):
+        np.save(tmp_path / f"c{i}.npy", codes[i])
+    summary = load_tool("decode_codes").main(
+        [str(tmp_path / "c0.npy"), str(tmp_path / "c1.npy"), "--audio-decoder", str(codec)]
+        + ["--out-dir", str(tmp_path / "wav")]
+    )
+    assert summary["wav"] == [str(tmp_path / "wav" / "c0.wav"), str(tmp_path / "wav" / "c1.wav")]
+    decoder = AudioCodecDecoder.from_pretrained(codec)
+    for i, path in enumerate(summary["wav"]):
+        with wave.open(path) as f:
+            assert (f.getframerate(), f.getnframes()) == (200, 5 * 8)
+            pcm = np.frombuffer(f.readframes(40), dtype=np.int16).astype(np.int32)
+        waveform = decoder(torch.from_numpy(codes[i].astype(np.int64))[None])[0]
+        assert np.abs(pcm - (waveform.clamp(-1, 1) * 32767).to(torch.int16).numpy()).max() <= 1
+    np.save(tmp_path / "bad.npy", np.full((8, 3), 1025, dtype=np.int16))  # stream EOS ids left in
+    with pytest.raises(SystemExit, match="bad.npy: code values span 1025..1025"):
+        load_tool("decode_codes").main([str(tmp_path / "bad.npy"), "--audio-decoder", str(codec)])
+
+
 def test_generate_tool_from_a_manifest_voice_clone_prompt(setup, tmp_path, capsys):
     root, checkpoint, _ = setup
     manifest = root / "data" / "val.jsonl"  # val sample 2 is a voice_clone sample (kinds cycle)
