@@ -58,9 +58,12 @@ def recipe_command(
         "model.hidden_size=64",
         "model.num_layers=2",
         "model.head_dim=16",
+        "model.num_heads=4",
+        "model.num_kv_heads=2",
         "model.intermediate_size=128",
         "generation.num_prompts=0",
-        "loss.codebook_reduction=mean",  # Boson's reference formula (the demo config sums the codebooks)
+        "loss.codebook_reduction=mean",  # Boson's reference formula (the demo config sums the codebooks,
+        "loss.codebook_weights=null",  # codebook 0 weighted 4)
         *extra,
     ]
 

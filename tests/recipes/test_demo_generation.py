@@ -11,7 +11,7 @@ missing or extra frames counted wrong), with Boson's ``HiggsAudioModel.generate`
 engine's call) on ``<output_dir>/hf`` and with ``higgs_tune.generation.generate`` on the same export; the
 two must produce the same codes.
 
-Cost: the demo's training (1000 compiled steps, about 3.5 minutes on 2 CPU cores) and a few seconds of
+Cost: the demo's training (1000 compiled steps, about 4 minutes on 2 CPU cores) and a few seconds of
 generation; the full step count is kept, since the 95% bar is the demo's promise.
 """
 
