@@ -384,14 +384,10 @@ class HiggsFinetuneRecipe:
         if path is None or not self.dist.is_main:
             return None
         decoder = AudioCodecDecoder.from_pretrained(path)
-        if (decoder.num_codebooks, decoder.codebook_size) != (
-            audio_layout.num_codebooks,
-            audio_layout.codebook_size,
-        ):
-            raise ValueError(
-                f"generation.audio_decoder {path}: {decoder.num_codebooks} codebooks of {decoder.codebook_size} "
-                f"codes, the model has {audio_layout.num_codebooks} of {audio_layout.codebook_size}"
-            )
+        try:
+            decoder.check_codes_layout(audio_layout.num_codebooks, audio_layout.codebook_size)
+        except ValueError as error:
+            raise ValueError(f"generation.audio_decoder {path}: {error}") from None
         if not hasattr(self.metric_logger, "log_audio"):
             raise TypeError(
                 f"generation.audio_decoder needs a metric logger with log_audio (HiggsMetricLogger); "

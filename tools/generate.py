@@ -64,16 +64,12 @@ def manifest_prompt(manifest: Path, index: int, text: str | None) -> tuple[list[
 
 def load_audio_decoder(path: str, model_args, device: torch.device) -> AudioCodecDecoder:
     """Boson's audio tokenizer's decoder from its folder, checked against the model's codebooks."""
+    layout = AudioLayout.from_model_config(model_args.to_hf_config())
     try:
         decoder = AudioCodecDecoder.from_pretrained(path, device=device)
+        decoder.check_codes_layout(layout.num_codebooks, layout.codebook_size)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"--audio-decoder: {error}") from None
-    layout = AudioLayout.from_model_config(model_args.to_hf_config())
-    if (decoder.num_codebooks, decoder.codebook_size) != (layout.num_codebooks, layout.codebook_size):
-        raise SystemExit(
-            f"--audio-decoder {path}: {decoder.num_codebooks} codebooks of {decoder.codebook_size} codes, "
-            f"the model has {layout.num_codebooks} of {layout.codebook_size}"
-        )
     return decoder
 
 

@@ -147,6 +147,15 @@ class AudioCodecDecoder(nn.Module):
         latent = self.fc_post2(quantized).transpose(1, 2)  # [B, D, T]
         return self.decoder_2(latent)[:, 0]
 
+    def check_codes_layout(self, num_codebooks: int, codebook_size: int) -> None:
+        """Raise ValueError unless this decoder reads ``num_codebooks`` codebooks of ``codebook_size``
+        codes (the generating model's audio layout)."""
+        if (self.num_codebooks, self.codebook_size) != (num_codebooks, codebook_size):
+            raise ValueError(
+                f"the audio decoder reads {self.num_codebooks} codebooks of {self.codebook_size} codes, "
+                f"the model has {num_codebooks} of {codebook_size}"
+            )
+
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> AudioCodecDecoder:
         """Load from Boson's audio tokenizer folder (``config.json`` + ``model.pth``); fp32, eval mode.

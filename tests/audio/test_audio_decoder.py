@@ -83,6 +83,12 @@ def test_bad_codes_are_refused(decoder):
         decoder(negative)
 
 
+def test_codes_layout_check(decoder):
+    decoder.check_codes_layout(8, 1024)
+    with pytest.raises(ValueError, match="reads 8 codebooks of 1024 codes, the model has 4 of 1024"):
+        decoder.check_codes_layout(4, 1024)
+
+
 def test_missing_or_mismatched_files_are_errors(released_codec, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         AudioCodecDecoder.from_pretrained(tmp_path)

@@ -74,6 +74,15 @@ def assert_bitwise_same_parameters(reference, candidate):
         assert torch.equal(param, ref), f"{name}: max diff {(param - ref).abs().max().item():.3g}"
 
 
+def continue_training(model, optimizer, scheduler, batches) -> None:
+    """One eager in-backward step per batch, on a resumed model, optimizer and scheduler."""
+    step = build_train_step(
+        "optimizer_in_backward", model, AlignedLoss(), optimizer, scheduler, None, **EAGER
+    )
+    for batch in batches:
+        step([batch])
+
+
 def test_in_backward_steps_equal_eager_adamw_bitwise(batches):
     losses, norms, model, _, _ = train(False, batches)
     ib_losses, ib_norms, ib_model, optimizer, _ = train(True, batches)
@@ -158,17 +167,7 @@ def test_state_dict_resumes_exactly_and_is_torch_adamws_format(batches):
     resumed_model.load_state_dict(saved["model"])
     resumed_optimizer.load_state_dict(saved["optimizer"])
     resumed_scheduler.load_state_dict(saved["scheduler"])
-    resumed = build_train_step(
-        "optimizer_in_backward",
-        resumed_model,
-        AlignedLoss(),
-        resumed_optimizer,
-        resumed_scheduler,
-        None,
-        **EAGER,
-    )
-    for batch in batches[3:]:
-        resumed([batch])
+    continue_training(resumed_model, resumed_optimizer, resumed_scheduler, batches[3:])
     assert_bitwise_same_parameters(full_model, resumed_model)
 
 
@@ -196,17 +195,7 @@ def test_distributed_checkpoint_state_dict_round_trip_resumes_exactly(batches):
     param = resumed_model.audio_decoder_proj.text_lm_head.weight
     assert resumed_optimizer.state[param]["exp_avg"].dtype == torch.bfloat16
     assert float(resumed_optimizer.state[param]["step"]) == 3.0
-    resumed = build_train_step(
-        "optimizer_in_backward",
-        resumed_model,
-        AlignedLoss(),
-        resumed_optimizer,
-        resumed_scheduler,
-        None,
-        **EAGER,
-    )
-    for batch in batches[3:]:
-        resumed([batch])
+    continue_training(resumed_model, resumed_optimizer, resumed_scheduler, batches[3:])
     assert_bitwise_same_parameters(full_model, resumed_model)
 
 
