@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,17 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from higgs_tune.data.batch import CapacityError, PackingSpec
+from higgs_tune.data.capacities import (
+    AUTO,
+    CAPACITY_FIELDS,
+    CAPACITY_NAMES,
+    Capacity,
+    auto_names,
+    fixed_spec,
+    padding_fractions,
+    plan_capacities,
+    shrink_to_rows,
+)
 from higgs_tune.data.document import AudioLayout, Document
 from higgs_tune.data.manifest import ManifestEntry, OnBadSample, load_document, scan_manifest
 from higgs_tune.data.packer import TooLongPolicy, collate_rows, plan_rows, row_limits
@@ -89,28 +100,47 @@ class HiggsPackedDataset(Dataset):
 
     def padding_fraction(self) -> float:
         """Fraction of the rows' positions that are padding (0.0 for an empty data set)."""
-        total = len(self.rows) * self.spec.seq_len
-        used = sum(self.entries[i].stats.length for row in self.rows for i in row)
-        return 1.0 - used / total if total else 0.0
+        return self.padding_fractions()["seq"]
+
+    def padding_fractions(self) -> dict[str, float]:
+        """Padding share of the row positions (``seq``) and of each per-row capacity (``text_ffn``,
+        ``audio_ffn``, ``text_target``, ``audio_target``), see
+        :func:`~higgs_tune.data.capacities.padding_fractions`."""
+        return padding_fractions([entry.stats for entry in self.entries], self.rows, self.spec)
+
+    def capacities(self) -> dict[str, int]:
+        """The four per-row capacities the rows were packed for, as numbers."""
+        return {name: self.spec.capacity(name) for name in CAPACITY_NAMES}
 
 
 def pack_entries(
-    entries: Sequence[ManifestEntry], spec: PackingSpec, *, too_long: TooLongPolicy, seed: int
-) -> tuple[list[ManifestEntry], list[list[int]], list[ManifestEntry]]:
-    """Plan the packed rows of ``entries`` (deterministic given the entries, ``spec`` and ``seed``).
+    entries: Sequence[ManifestEntry],
+    spec: PackingSpec,
+    *,
+    too_long: TooLongPolicy,
+    seed: int,
+    auto: Sequence[str] = (),
+) -> tuple[list[ManifestEntry], list[list[int]], list[ManifestEntry], PackingSpec]:
+    """Plan the packed rows of ``entries`` (deterministic given the entries, ``spec``, ``auto`` and ``seed``).
 
-    The entries are put in a seeded order first (the planner breaks length ties by position), then
-    :func:`~higgs_tune.data.packer.plan_rows` assigns them to rows.
+    The entries are put in a seeded order first (the planner breaks length ties by position), the
+    capacities named in ``auto`` are planned from their statistics
+    (:func:`~higgs_tune.data.capacities.plan_capacities`), then :func:`~higgs_tune.data.packer.plan_rows`
+    assigns them to rows and the planned capacities shrink to the rows
+    (:func:`~higgs_tune.data.capacities.shrink_to_rows`).
 
     Returns:
-        ``(ordered_entries, rows, dropped)``: rows index into ``ordered_entries``; ``dropped`` are the
-        entries that alone exceed ``seq_len`` or a capacity (``too_long="drop"``).
+        ``(ordered_entries, rows, dropped, spec)``: rows index into ``ordered_entries``; ``dropped`` are the
+        entries that alone exceed ``seq_len`` or an explicit capacity (``too_long="drop"``); ``spec`` has
+        every capacity as a number.
 
     Raises:
         CapacityError: a too-long document under ``too_long="error"`` (message names its manifest line).
     """
     order = np.random.default_rng(seed).permutation(len(entries))
     ordered = [entries[i] for i in order]
+    stats = [e.stats for e in ordered]
+    spec = plan_capacities(stats, spec, auto)
     if too_long == "error":
         # Checked here (plan_rows would name the document by index): name its manifest line.
         limits = row_limits(spec)
@@ -125,8 +155,51 @@ def pack_entries(
                     f"{entry.location}: the document does not fit in one row ({', '.join(over)}); raise "
                     "seq_len / the capacities or set too_long='drop'"
                 )
-    rows, dropped = plan_rows([e.stats for e in ordered], spec, too_long)
-    return ordered, rows, [ordered[i] for i in dropped]
+    rows, dropped = plan_rows(stats, spec, too_long)
+    spec = shrink_to_rows(spec, stats, rows, auto)
+    return ordered, rows, [ordered[i] for i in dropped], spec
+
+
+def check_resumed_capacities(
+    entries: Sequence[ManifestEntry],
+    seq_len: int,
+    requested: Mapping[str, Capacity],
+    resumed: Mapping[str, int],
+) -> dict[str, Capacity]:
+    """The capacities of a resumed run: the ones it started with (``resumed``, saved in its checkpoint).
+
+    ``auto`` capacities take their saved values; an explicit one must equal its saved value. The data must
+    still fit them: a document of at most ``seq_len`` positions that needs more than a saved ``auto``
+    capacity is an error naming the capacity (packing it would need larger ones, and a resumed run never
+    re-plans its shapes; documents over an explicit capacity are dropped as in the original run).
+
+    Raises:
+        ValueError: an explicit capacity that differs from the saved one, or a document that no longer fits.
+    """
+    capacities: dict[str, Capacity] = dict(requested)
+    for name in CAPACITY_NAMES:
+        value, saved = requested.get(name), resumed.get(name)
+        if saved is None:
+            raise ValueError(f"the checkpoint saved no dataset.{name}_capacity (saved: {dict(resumed)})")
+        if value not in (AUTO, saved):
+            raise ValueError(
+                f"dataset.{name}_capacity={value} but the run being resumed started with {saved}; a resumed "
+                f"run keeps its capacities (set it to {saved} or auto)"
+            )
+        capacities[name] = saved
+    for entry in entries:
+        if entry.stats.length > seq_len:
+            continue  # dropped (too_long="drop") or refused ("error") whatever the capacities
+        for name in auto_names(requested):
+            need = getattr(entry.stats, CAPACITY_FIELDS[name])
+            if need > resumed[name]:
+                raise CapacityError(
+                    f"dataset.{name}_capacity: {entry.location} needs {need} per row, but the run being "
+                    f"resumed started with {name}_capacity={resumed[name]}; a resumed run keeps the capacities "
+                    "it started with: resume with the data it started with, or start a new run (another "
+                    "output_dir) to plan capacities for this data"
+                )
+    return capacities
 
 
 def _log_dropped(dropped: Sequence[ManifestEntry], total: int, spec: PackingSpec, what: str) -> None:
@@ -149,52 +222,62 @@ def build_higgs_dataset(
     seq_len: int,
     batch_size: int,
     audio_layout: AudioLayout | None = None,
-    text_ffn_capacity: int | None = None,
-    audio_ffn_capacity: int | None = None,
-    text_target_capacity: int | None = None,
-    audio_target_capacity: int | None = None,
+    text_ffn_capacity: int | str | None = None,
+    audio_ffn_capacity: int | str | None = None,
+    text_target_capacity: int | str | None = None,
+    audio_target_capacity: int | str | None = None,
     val_fraction: float = 0.0,
     val_path: str | None = None,
     on_bad_sample: OnBadSample = "error",
     too_long: TooLongPolicy = "drop",
     seed: int = 0,
+    resumed_capacities: Mapping[str, int] | None = None,
 ) -> tuple[HiggsPackedDataset, HiggsPackedDataset | None, dict[str, int | float]]:
     """Scan, split and pack a manifest: the YAML-facing data set component.
 
     Args:
         tokenizer: the text tokenizer (special tokens by name).
-        path: the training manifest (JSONL, design.md §7).
+        path: the training manifest (JSONL, one Boson ChatML sample per line, see
+            :mod:`higgs_tune.data.manifest`).
         seq_len, batch_size: the static shapes (``PackingSpec``).
         audio_layout: the model's audio settings (``AudioLayout.from_model_config(config)``); default:
             8 codebooks of 1024, stream BOS 1024 / EOS 1025, delay pattern on (Higgs Audio v2 3B).
         text_ffn_capacity, audio_ffn_capacity, text_target_capacity, audio_target_capacity: per-row
-            capacities (``None`` = ``seq_len``), see :class:`~higgs_tune.data.batch.PackingSpec`.
+            capacities, see :class:`~higgs_tune.data.batch.PackingSpec`: a number, ``"auto"`` (planned
+            from the training data, :mod:`higgs_tune.data.capacities`) or ``None`` (= ``seq_len``).
         val_fraction: share of the training manifest's samples held out for validation (seeded, by
             sample, before packing). Exclusive with ``val_path``.
         val_path: a separate validation manifest.
         on_bad_sample: ``"error"`` or ``"skip"`` (counted), see :mod:`higgs_tune.data.manifest`.
         too_long: ``"drop"`` (counted) or ``"error"`` for documents that do not fit one row.
         seed: seeds the split and the packing order.
+        resumed_capacities: a resumed run's capacities as it started (``name -> int`` for the four
+            names of :data:`~higgs_tune.data.capacities.CAPACITY_NAMES`): used instead of planning, and
+            the data must fit them (:func:`check_resumed_capacities`).
+
+    The validation split is packed with the training capacities when each of its documents fits them
+    (the same static shapes: evaluation reuses what the training compiled), otherwise its ``auto``
+    capacities are planned from the validation documents.
 
     Returns:
         ``(train_dataset, val_dataset or None, stats)``; ``stats`` holds plain numbers for the metrics:
         ``train_samples``, ``val_samples``, ``skipped_samples``, ``dropped_too_long``, ``train_rows``,
-        ``val_rows``, ``train_padding_fraction``, ``val_padding_fraction``.
+        ``val_rows``, ``train_padding_fraction`` / ``val_padding_fraction`` (row positions), and for each
+        capacity ``<name>`` of :data:`~higgs_tune.data.capacities.CAPACITY_NAMES`: ``train_<name>_capacity``,
+        ``train_<name>_padding_fraction`` (and the ``val_`` ones when there is a validation split).
     """
     if val_path is not None and val_fraction:
         raise ValueError(f"give either val_fraction ({val_fraction}) or val_path ({val_path}), not both")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     layout = audio_layout if audio_layout is not None else AudioLayout()
-    spec = PackingSpec(
-        seq_len=seq_len,
-        batch_size=batch_size,
-        num_codebooks=layout.num_codebooks,
-        text_ffn_capacity=text_ffn_capacity,
-        audio_ffn_capacity=audio_ffn_capacity,
-        text_target_capacity=text_target_capacity,
-        audio_target_capacity=audio_target_capacity,
-    )
+    requested: dict[str, Capacity] = {
+        "text_ffn": text_ffn_capacity,
+        "audio_ffn": audio_ffn_capacity,
+        "text_target": text_target_capacity,
+        "audio_target": audio_target_capacity,
+    }
+    base_spec = fixed_spec(seq_len, batch_size, layout.num_codebooks, requested)
 
     scan = scan_manifest(path, tokenizer, layout, on_bad_sample=on_bad_sample)
     skipped = scan.num_skipped
@@ -215,7 +298,13 @@ def build_higgs_dataset(
     if not train_entries:
         raise ValueError(f"{path}: no training sample left (skipped {skipped})")
 
-    ordered, rows, dropped = pack_entries(train_entries, spec, too_long=too_long, seed=seed)
+    auto = auto_names(requested)
+    if resumed_capacities is not None:
+        requested = check_resumed_capacities(train_entries, seq_len, requested, resumed_capacities)
+        base_spec, auto = fixed_spec(seq_len, batch_size, layout.num_codebooks, requested), ()
+    ordered, rows, dropped, spec = pack_entries(
+        train_entries, base_spec, too_long=too_long, seed=seed, auto=auto
+    )
     _log_dropped(dropped, len(train_entries), spec, str(path))
     if not rows:
         raise ValueError(f"{path}: every training document was dropped as too long for seq_len={seq_len}")
@@ -223,9 +312,17 @@ def build_higgs_dataset(
     val = None
     num_dropped = len(dropped)
     if val_entries:
-        ordered, rows, dropped = pack_entries(val_entries, spec, too_long=too_long, seed=seed)
-        _log_dropped(dropped, len(val_entries), spec, str(val_path or f"{path} (validation split)"))
-        val = HiggsPackedDataset(ordered, rows, tokenizer, layout, spec)
+        fits_training = all(
+            entry.stats.length > seq_len
+            or all(getattr(entry.stats, field) <= limit for field, limit in row_limits(spec).items())
+            for entry in val_entries
+        )
+        val_spec, val_auto = (spec, ()) if fits_training or not auto else (base_spec, auto)
+        ordered, rows, dropped, val_spec = pack_entries(
+            val_entries, val_spec, too_long=too_long, seed=seed, auto=val_auto
+        )
+        _log_dropped(dropped, len(val_entries), val_spec, str(val_path or f"{path} (validation split)"))
+        val = HiggsPackedDataset(ordered, rows, tokenizer, layout, val_spec)
         num_dropped += len(dropped)
 
     stats: dict[str, int | float] = {
@@ -238,6 +335,12 @@ def build_higgs_dataset(
         "train_padding_fraction": train.padding_fraction(),
         "val_padding_fraction": val.padding_fraction() if val is not None else 0.0,
     }
+    for split, dataset in (("train", train), ("val", val)):
+        if dataset is not None:
+            padding = dataset.padding_fractions()
+            for name, value in dataset.capacities().items():
+                stats[f"{split}_{name}_capacity"] = value
+                stats[f"{split}_{name}_padding_fraction"] = padding[name]
     return train, val, stats
 
 
