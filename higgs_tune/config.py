@@ -222,6 +222,13 @@ def _check_contract(resolved: dict[str, Any]) -> list[str]:
             f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {resolved.get('on_nonfinite')!r}"
         )
     errors += _check_generation(resolved.get("generation") or {})
+    from higgs_tune.data.capacities import CAPACITY_NAMES, check_capacity_values
+
+    dataset = resolved.get("dataset") or {}
+    try:  # the per-row capacities: numbers, "auto" or null
+        check_capacity_values({name: dataset.get(f"{name}_capacity") for name in CAPACITY_NAMES})
+    except ValueError as exc:
+        errors.append(str(exc))
     fsdp = resolved.get("fsdp")
     if fsdp is not None:  # the optional FSDP2 options (torchrun runs): the fields of FSDPOptions
         from higgs_tune.training.parallelize import FSDPOptions

@@ -38,6 +38,7 @@ from torchtune import config, training
 from tqdm import tqdm
 
 from higgs_tune.config import validate_config
+from higgs_tune.data.capacities import CAPACITY_NAMES, packing_summary, padding_warnings
 from higgs_tune.data.dataset import build_dataloader
 from higgs_tune.data.document import AudioLayout
 from higgs_tune.evaluation import evaluate
@@ -62,6 +63,7 @@ from higgs_tune.models.higgs_audio.lora import (
 )
 from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
 from higgs_tune.training.checkpointing import (
+    TRAINING_STATE_FILE,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -110,6 +112,8 @@ class HiggsFinetuneRecipe:
 
         audio_layout = AudioLayout.from_model_config(model_config)
         self.codebook_size = audio_layout.codebook_size
+        # Per-row capacities: planned from the data ("auto") or explicit; a resumed run keeps its own.
+        resumed = {"resumed_capacities": self._resumed_capacities()} if cfg.resume_from_checkpoint else {}
         self.train_set, self.val_set, self.data_stats = config.instantiate(
             cfg.dataset,
             self.tokenizer,
@@ -117,8 +121,10 @@ class HiggsFinetuneRecipe:
             batch_size=cfg.batch_size,
             audio_layout=audio_layout,
             seed=cfg.seed,
+            **resumed,
         )
         self.spec = self.train_set.spec
+        self._record_capacities()
         self.loader = build_dataloader(
             self.train_set,
             self.spec,
@@ -133,7 +139,7 @@ class HiggsFinetuneRecipe:
         if self.val_set is not None:
             self.val_loader = build_dataloader(
                 self.val_set,
-                self.spec,
+                self.val_set.spec,
                 seed=cfg.seed,
                 shuffle=False,
                 num_workers=cfg.get("num_workers", 0),
@@ -191,6 +197,7 @@ class HiggsFinetuneRecipe:
         )
         self.metric_logger = config.instantiate(cfg.metric_logger, rank=self.dist.rank)
         self.metric_logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))
+        self.metric_logger.log_dict(setup_scalars(self.data_stats), step=0)  # packing, at set-up
         self.audio_decoder = self._setup_audio_decoder(audio_layout)
         self.alignment_layout = AlignmentLayout(
             audio_in_token_id=self.tokenizer.special.audio_in,
@@ -206,6 +213,38 @@ class HiggsFinetuneRecipe:
             f"model: {num_params:,} parameters ({sum(p.numel() for p in trainable):,} trainable); "
             f"data: {self.data_stats}; {self.total_steps} optimizer steps"
         )
+
+    def _resumed_capacities(self) -> dict[str, int] | None:
+        """The per-row capacities the run being resumed started with (None: a checkpoint from before they
+        were saved, or none to resume: :meth:`resume` reports that)."""
+        path = latest_checkpoint(self.output_dir / "checkpoints")
+        if path is None:
+            return None
+        state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
+        return state.get("packing_capacities")
+
+    def _record_capacities(self) -> None:
+        """Check that every rank packed with the same capacities, put them into the resolved config.yaml
+        (numbers instead of "auto") and log them with the padding of every dimension."""
+        capacities = {name: self.spec.capacity(name) for name in CAPACITY_NAMES}
+        if self.dist.is_distributed:
+            everyone: list = [None] * self.dist.world_size
+            dist.all_gather_object(everyone, capacities)
+            if any(other != capacities for other in everyone):
+                raise RuntimeError(
+                    f"the ranks planned different capacities {everyone}: does every rank read the same data?"
+                )
+        requested = {name: self.cfg.dataset.get(f"{name}_capacity") for name in CAPACITY_NAMES}
+        for name, value in capacities.items():
+            if f"{name}_capacity" in self.cfg.dataset:
+                self.cfg.dataset[f"{name}_capacity"] = value
+        if self.dist.is_main:
+            (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        splits = ("train", "val") if self.val_set is not None else ("train",)
+        for split in splits:
+            self._log(packing_summary(self.data_stats, split))
+            for warning in padding_warnings(self.data_stats, requested, split):
+                self._log(f"WARNING: {warning}")
 
     def _setup_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -508,6 +547,7 @@ class HiggsFinetuneRecipe:
             "global_rows_consumed": self.rows_in_epoch,
             "skipped_updates": self.skipped_updates,
             "rng": rng,
+            "packing_capacities": self.train_set.capacities(),  # a resumed run packs with these
         }
         path = save_checkpoint(
             self.output_dir / "checkpoints",
@@ -569,6 +609,11 @@ class HiggsFinetuneRecipe:
     def _log(self, message: str) -> None:
         if self.dist.is_main:
             print(message, file=sys.stderr, flush=True)
+
+
+def setup_scalars(data_stats: dict[str, int | float]) -> dict[str, int | float]:
+    """The data set-up's numbers for metrics.jsonl / TensorBoard (``setup/<name>``, logged at step 0)."""
+    return {f"setup/{name}": value for name, value in data_stats.items()}
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -3,38 +3,29 @@
 A packed row has ``seq_len`` positions and four fixed-size index tensors (:mod:`higgs_tune.data.batch`):
 text-FFN positions, audio-FFN positions, text-target positions and audio-target positions. The step's
 cost follows those capacities, not the data, so they must fit the data: too small and documents are
-dropped or rows stay half empty, too large and every row computes padding. ``auto`` chooses them from
-the scanned documents' statistics at set-up (:func:`plan_capacities`), in three steps:
+dropped or rows stay half empty, too large and every row computes padding. ``auto`` chooses them at
+set-up, after the manifest scan:
 
-1. candidates: for a margin ``m``, the capacity of kind ``d`` is ``share_d * seq_len * (1 + m)`` (its share
-   of all positions in the data, i.e. what a full row of average composition holds, plus a margin), at
-   least the largest single document's count, rounded with :func:`round_capacity`; the margins of
-   :data:`MARGINS` and one candidate with no limit but ``seq_len``;
-2. each candidate is packed (first-fit decreasing under ALL the limits, :func:`~higgs_tune.data.packer.
-   plan_rows`: a row that is full of one kind takes documents of the other kinds, so the rows come out
-   balanced in every dimension that binds), on at most :data:`SEARCH_DOCUMENTS` documents of the seeded
-   order, and scored by its largest padding fraction (sequence and every planned capacity; ties: fewer
-   rows, then smaller capacities);
-3. the winner packs all documents; each planned capacity then shrinks to the largest use over the rows,
-   rounded (:func:`shrink_to_rows`). Packing again with the shrunk capacities gives the very same rows (a
-   document that fitted a row under the larger limit fits it under the shrunk one, and one that did not,
-   does not), which is why a resumed run can pass them as explicit numbers and continue exactly.
+1. the documents are packed under ``seq_len`` (and the explicit capacities) by
+   :func:`~higgs_tune.data.packer.plan_balanced_rows`, which balances the rows in all five dimensions;
+2. each ``auto`` capacity becomes the largest use over the planned rows, rounded up with
+   :func:`round_capacity` (:func:`shrink_to_rows`).
 
 Everything is a pure function of the documents' statistics in their seeded order: every rank of a
-torchrun job plans the same capacities, and so does a rerun with the same data and seed.
+torchrun job plans the same capacities, and so does a rerun with the same data and seed (a resumed run
+checks that, :func:`~higgs_tune.data.dataset.resume_capacities`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from higgs_tune.data.batch import PackingSpec
 from higgs_tune.data.document import DocStats
-from higgs_tune.data.packer import plan_rows, row_limits
+from higgs_tune.data.packer import row_limits
 
 AUTO = "auto"
 # The four per-row capacities, by PackingSpec name (dataset.<name>_capacity), and the DocStats field each
@@ -47,8 +38,6 @@ CAPACITY_FIELDS = {
 }
 CAPACITY_NAMES = tuple(CAPACITY_FIELDS)
 DIMENSIONS = {"seq": "length", **CAPACITY_FIELDS}
-MARGINS = (0.0, 0.03, 0.07, 0.15, 0.3, 0.6)
-SEARCH_DOCUMENTS = 8192
 # Padding above this share of a capacity (or of the row positions) gets a warning at set-up.
 PADDING_WARNING = 0.25
 
@@ -139,58 +128,39 @@ def shrink_to_rows(
     return dataclasses.replace(spec, **shrunk)
 
 
-def _candidates(needs: np.ndarray, spec: PackingSpec, names: Sequence[str]) -> list[PackingSpec]:
-    """The specs tried by :func:`plan_capacities` (see the module docstring, step 1)."""
-    column = {name: index for index, name in enumerate(DIMENSIONS)}
-    total_length = max(int(needs[:, 0].sum()), 1)
-    candidates = []
-    for margin in (*MARGINS, None):
-        caps = {}
-        for name in names:
-            counts = needs[:, column[name]]
-            largest = int(counts.max()) if len(counts) else 1
-            if margin is None:
-                value = spec.seq_len
-            else:
-                share = float(counts.sum()) / total_length
-                value = max(largest, math.ceil(share * spec.seq_len * (1.0 + margin)))
-            caps[f"{name}_capacity"] = round_capacity(value, spec.seq_len)
-        candidate = dataclasses.replace(spec, **caps)
-        if candidate not in candidates:
-            candidates.append(candidate)
-    return candidates
+def packing_summary(stats: Mapping[str, int | float], split: str = "train") -> str:
+    """One line: the capacities of ``split`` and the padding fraction of each dimension, from the stats of
+    :func:`~higgs_tune.data.dataset.build_higgs_dataset`."""
+    capacities = " ".join(f"{name}={stats[f'{split}_{name}_capacity']}" for name in CAPACITY_NAMES)
+    padding = " ".join(f"{name}={stats[_padding_key(split, name)]:.3f}" for name in DIMENSIONS)
+    return f"{split} packing: {stats[f'{split}_rows']} rows; capacities {capacities}; padding {padding}"
 
 
-def plan_capacities(stats: Sequence[DocStats], spec: PackingSpec, names: Sequence[str]) -> PackingSpec:
-    """Choose the capacities ``names`` (the ``auto`` ones) for documents in their packing order.
+def padding_warnings(
+    stats: Mapping[str, int | float], requested: Mapping[str, Capacity], split: str = "train"
+) -> list[str]:
+    """One message per dimension of ``split`` whose padding exceeds :data:`PADDING_WARNING`, naming the knob
+    to turn (``requested``: the capacities as configured, numbers or ``"auto"``)."""
+    messages = []
+    for name in DIMENSIONS:
+        padding = stats[_padding_key(split, name)]
+        if padding <= PADDING_WARNING:
+            continue
+        if name == "seq":
+            advice = (
+                "the documents do not fill the rows: lower seq_len (or, with explicit capacities, raise "
+                "the one that binds or set it to auto)"
+            )
+        elif requested.get(name) == AUTO:
+            advice = (
+                f"rows differ too much in {name} use for one static capacity: raise seq_len (more "
+                f"documents per row average out) or set dataset.{name}_capacity by hand"
+            )
+        else:
+            advice = f"set dataset.{name}_capacity=auto or lower it"
+        messages.append(f"{split} padding of {name} is {padding:.0%} (> {PADDING_WARNING:.0%}): {advice}")
+    return messages
 
-    Args:
-        stats: the documents' statistics in the (seeded) order they will be packed in.
-        spec: row length and the explicit capacities; the values of ``names`` in it are ignored.
-        names: the capacities to plan (:data:`CAPACITY_NAMES` entries).
 
-    Returns:
-        The spec to pack with (step 2 of the module docstring's procedure: candidate capacities that
-        every document fits alone); pack with it, then :func:`shrink_to_rows` gives the final spec.
-        Documents over ``seq_len`` or an explicit capacity take no part in the choice (the packer drops
-        them or refuses them, per its ``too_long`` policy).
-    """
-    names = [name for name in CAPACITY_NAMES if name in names]
-    if not names:
-        return spec
-    base = dataclasses.replace(spec, **{f"{name}_capacity": None for name in names})
-    needs = _needs(stats)
-    limits = np.array([row_limits(base)[field] for field in DIMENSIONS.values()], dtype=np.int64)
-    fitting = np.flatnonzero((needs <= limits).all(axis=1))
-    candidates = _candidates(needs[fitting], base, names)
-    if len(candidates) == 1 or not len(fitting):
-        return candidates[0]
-    sample = [stats[i] for i in fitting[:SEARCH_DOCUMENTS]]
-    scored = []
-    for index, candidate in enumerate(candidates):
-        rows, _ = plan_rows(sample, candidate, too_long="drop")
-        final = shrink_to_rows(candidate, sample, rows, names)
-        padding = padding_fractions(sample, rows, final)
-        worst = max(padding[name] for name in ("seq", *names))
-        scored.append((round(worst, 6), len(rows), sum(final.capacity(n) for n in names), index))
-    return candidates[min(scored)[-1]]
+def _padding_key(split: str, name: str) -> str:
+    return f"{split}_padding_fraction" if name == "seq" else f"{split}_{name}_padding_fraction"

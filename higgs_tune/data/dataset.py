@@ -30,18 +30,16 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from higgs_tune.data.batch import CapacityError, PackingSpec
 from higgs_tune.data.capacities import (
     AUTO,
-    CAPACITY_FIELDS,
     CAPACITY_NAMES,
     Capacity,
     auto_names,
     fixed_spec,
     padding_fractions,
-    plan_capacities,
     shrink_to_rows,
 )
 from higgs_tune.data.document import AudioLayout, Document
 from higgs_tune.data.manifest import ManifestEntry, OnBadSample, load_document, scan_manifest
-from higgs_tune.data.packer import TooLongPolicy, collate_rows, plan_rows, row_limits
+from higgs_tune.data.packer import TooLongPolicy, collate_rows, plan_balanced_rows, plan_rows, row_limits
 from higgs_tune.data.tokenizer import HiggsTokenizer
 
 logger = logging.getLogger(__name__)
@@ -123,11 +121,11 @@ def pack_entries(
 ) -> tuple[list[ManifestEntry], list[list[int]], list[ManifestEntry], PackingSpec]:
     """Plan the packed rows of ``entries`` (deterministic given the entries, ``spec``, ``auto`` and ``seed``).
 
-    The entries are put in a seeded order first (the planner breaks length ties by position), the
-    capacities named in ``auto`` are planned from their statistics
-    (:func:`~higgs_tune.data.capacities.plan_capacities`), then :func:`~higgs_tune.data.packer.plan_rows`
-    assigns them to rows and the planned capacities shrink to the rows
-    (:func:`~higgs_tune.data.capacities.shrink_to_rows`).
+    The entries are put in a seeded order first (the planners break length ties by position). With
+    explicit capacities only, :func:`~higgs_tune.data.packer.plan_rows` (first-fit decreasing) assigns
+    them to rows; with ``auto`` capacities (their values in ``spec`` are ignored),
+    :func:`~higgs_tune.data.packer.plan_balanced_rows` does, and each of them becomes the largest use
+    over the rows (:func:`~higgs_tune.data.capacities.shrink_to_rows`).
 
     Returns:
         ``(ordered_entries, rows, dropped, spec)``: rows index into ``ordered_entries``; ``dropped`` are the
@@ -140,9 +138,10 @@ def pack_entries(
     order = np.random.default_rng(seed).permutation(len(entries))
     ordered = [entries[i] for i in order]
     stats = [e.stats for e in ordered]
-    spec = plan_capacities(stats, spec, auto)
+    if auto:
+        spec = dataclasses.replace(spec, **{f"{name}_capacity": None for name in auto})
     if too_long == "error":
-        # Checked here (plan_rows would name the document by index): name its manifest line.
+        # Checked here (the planners would name the document by index): name its manifest line.
         limits = row_limits(spec)
         for entry in ordered:
             over = [
@@ -155,51 +154,45 @@ def pack_entries(
                     f"{entry.location}: the document does not fit in one row ({', '.join(over)}); raise "
                     "seq_len / the capacities or set too_long='drop'"
                 )
-    rows, dropped = plan_rows(stats, spec, too_long)
+    planner = plan_balanced_rows if auto else plan_rows
+    rows, dropped = planner(stats, spec, too_long)
     spec = shrink_to_rows(spec, stats, rows, auto)
     return ordered, rows, [ordered[i] for i in dropped], spec
 
 
-def check_resumed_capacities(
-    entries: Sequence[ManifestEntry],
-    seq_len: int,
-    requested: Mapping[str, Capacity],
-    resumed: Mapping[str, int],
-) -> dict[str, Capacity]:
-    """The capacities of a resumed run: the ones it started with (``resumed``, saved in its checkpoint).
+def resume_capacities(
+    spec: PackingSpec, requested: Mapping[str, Capacity], resumed: Mapping[str, int]
+) -> PackingSpec:
+    """The spec of a resumed run: its rows as planned now, with the capacities it STARTED with (``resumed``,
+    saved in its checkpoint) instead of the ones planned now.
 
-    ``auto`` capacities take their saved values; an explicit one must equal its saved value. The data must
-    still fit them: a document of at most ``seq_len`` positions that needs more than a saved ``auto``
-    capacity is an error naming the capacity (packing it would need larger ones, and a resumed run never
-    re-plans its shapes; documents over an explicit capacity are dropped as in the original run).
+    Same data, same seed: the plan is the same, so are the capacities. Data that now needs a larger
+    ``auto`` capacity than the run started with is an error naming it (a resumed run never re-plans its
+    shapes); one that needs less keeps the saved one. An explicit capacity must equal its saved value.
 
     Raises:
-        ValueError: an explicit capacity that differs from the saved one, or a document that no longer fits.
+        CapacityError: the data needs a larger capacity than the run started with.
+        ValueError: an explicit capacity that differs from the saved one, or a capacity missing from the save.
     """
-    capacities: dict[str, Capacity] = dict(requested)
+    saved_caps = {}
     for name in CAPACITY_NAMES:
         value, saved = requested.get(name), resumed.get(name)
         if saved is None:
-            raise ValueError(f"the checkpoint saved no dataset.{name}_capacity (saved: {dict(resumed)})")
-        if value not in (AUTO, saved):
+            raise ValueError(f"the checkpoint saved no {name}_capacity (saved: {dict(resumed)})")
+        needed = spec.capacity(name)
+        if value == AUTO and needed > saved:
+            raise CapacityError(
+                f"dataset.{name}_capacity: the data now needs {needed} per row, but the run being resumed "
+                f"started with {saved}; a resumed run keeps the capacities it started with: resume with the "
+                "data it started with, or start a new run (another output_dir) to plan capacities for this data"
+            )
+        if value != AUTO and needed != saved:
             raise ValueError(
-                f"dataset.{name}_capacity={value} but the run being resumed started with {saved}; a resumed "
+                f"dataset.{name}_capacity={needed} but the run being resumed started with {saved}; a resumed "
                 f"run keeps its capacities (set it to {saved} or auto)"
             )
-        capacities[name] = saved
-    for entry in entries:
-        if entry.stats.length > seq_len:
-            continue  # dropped (too_long="drop") or refused ("error") whatever the capacities
-        for name in auto_names(requested):
-            need = getattr(entry.stats, CAPACITY_FIELDS[name])
-            if need > resumed[name]:
-                raise CapacityError(
-                    f"dataset.{name}_capacity: {entry.location} needs {need} per row, but the run being "
-                    f"resumed started with {name}_capacity={resumed[name]}; a resumed run keeps the capacities "
-                    "it started with: resume with the data it started with, or start a new run (another "
-                    "output_dir) to plan capacities for this data"
-                )
-    return capacities
+        saved_caps[f"{name}_capacity"] = saved
+    return dataclasses.replace(spec, **saved_caps)
 
 
 def _log_dropped(dropped: Sequence[ManifestEntry], total: int, spec: PackingSpec, what: str) -> None:
@@ -252,8 +245,8 @@ def build_higgs_dataset(
         too_long: ``"drop"`` (counted) or ``"error"`` for documents that do not fit one row.
         seed: seeds the split and the packing order.
         resumed_capacities: a resumed run's capacities as it started (``name -> int`` for the four
-            names of :data:`~higgs_tune.data.capacities.CAPACITY_NAMES`): used instead of planning, and
-            the data must fit them (:func:`check_resumed_capacities`).
+            names of :data:`~higgs_tune.data.capacities.CAPACITY_NAMES`): kept instead of the planned ones, and
+            the data must not need larger ones (:func:`resume_capacities`).
 
     The validation split is packed with the training capacities when each of its documents fits them
     (the same static shapes: evaluation reuses what the training compiled), otherwise its ``auto``
@@ -299,12 +292,11 @@ def build_higgs_dataset(
         raise ValueError(f"{path}: no training sample left (skipped {skipped})")
 
     auto = auto_names(requested)
-    if resumed_capacities is not None:
-        requested = check_resumed_capacities(train_entries, seq_len, requested, resumed_capacities)
-        base_spec, auto = fixed_spec(seq_len, batch_size, layout.num_codebooks, requested), ()
     ordered, rows, dropped, spec = pack_entries(
         train_entries, base_spec, too_long=too_long, seed=seed, auto=auto
     )
+    if resumed_capacities is not None:
+        spec = resume_capacities(spec, requested, resumed_capacities)
     _log_dropped(dropped, len(train_entries), spec, str(path))
     if not rows:
         raise ValueError(f"{path}: every training document was dropped as too long for seq_len={seq_len}")

@@ -10,6 +10,7 @@ shifted once, per document, by :func:`higgs_tune.data.document.build_document`; 
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from typing import Literal
 
@@ -19,7 +20,15 @@ import torch
 from higgs_tune.data.batch import BATCH_FIELDS, IGNORE_INDEX, CapacityError, PackingSpec, positions_to_index
 from higgs_tune.data.document import DocStats, Document
 
-__all__ = ["DocStats", "CapacityError", "TooLongPolicy", "plan_rows", "collate_rows", "row_limits"]
+__all__ = [
+    "DocStats",
+    "CapacityError",
+    "TooLongPolicy",
+    "plan_rows",
+    "plan_balanced_rows",
+    "collate_rows",
+    "row_limits",
+]
 
 TooLongPolicy = Literal["error", "drop"]
 
@@ -81,6 +90,31 @@ class _FirstFitSlots:
                 node //= 2
 
 
+def _needs_and_drops(
+    docs_stats: Sequence[DocStats], spec: PackingSpec, too_long: TooLongPolicy
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """``(needs [N, 5], limits [5], kept indices, dropped indices)``; raises under ``too_long="error"``."""
+    if too_long not in ("error", "drop"):
+        raise ValueError(f"too_long must be 'error' or 'drop', got {too_long!r}")
+    limits_by_field = row_limits(spec)
+    fields = [field for _, field in _LIMITS]
+    limits = np.array([limits_by_field[f] for f in fields], dtype=np.int64)
+    needs = np.array([[getattr(s, f) for f in fields] for s in docs_stats], dtype=np.int64).reshape(
+        -1, len(fields)
+    )
+
+    over = needs > limits
+    dropped = [int(i) for i in np.flatnonzero(over.any(axis=1))]
+    if dropped and too_long == "error":
+        first = dropped[0]
+        what = ", ".join(f"{fields[j]}={needs[first, j]} > {limits[j]}" for j in np.flatnonzero(over[first]))
+        raise CapacityError(
+            f"document {first} does not fit in one row ({what}); {len(dropped)} document(s) too long in all. "
+            "Raise seq_len / the capacities or pack with too_long='drop'"
+        )
+    return needs, limits, np.flatnonzero(~over.any(axis=1)), dropped
+
+
 def plan_rows(
     docs_stats: Sequence[DocStats], spec: PackingSpec, too_long: TooLongPolicy = "error"
 ) -> tuple[list[list[int]], list[int]]:
@@ -104,25 +138,7 @@ def plan_rows(
         ``(rows, dropped)``: rows as lists of document indices (ascending within a row; the rows in the
         order they were opened), and the indices of dropped documents (ascending).
     """
-    if too_long not in ("error", "drop"):
-        raise ValueError(f"too_long must be 'error' or 'drop', got {too_long!r}")
-    limits_by_field = row_limits(spec)
-    fields = [field for _, field in _LIMITS]
-    limits = np.array([limits_by_field[f] for f in fields], dtype=np.int64)
-    needs = np.array([[getattr(s, f) for f in fields] for s in docs_stats], dtype=np.int64).reshape(
-        -1, len(fields)
-    )
-
-    over = needs > limits
-    dropped = [int(i) for i in np.flatnonzero(over.any(axis=1))]
-    if dropped and too_long == "error":
-        first = dropped[0]
-        what = ", ".join(f"{fields[j]}={needs[first, j]} > {limits[j]}" for j in np.flatnonzero(over[first]))
-        raise CapacityError(
-            f"document {first} does not fit in one row ({what}); {len(dropped)} document(s) too long in all. "
-            "Raise seq_len / the capacities or pack with too_long='drop'"
-        )
-    keep = np.flatnonzero(~over.any(axis=1))
+    needs, limits, keep, dropped = _needs_and_drops(docs_stats, spec, too_long)
     order = keep[np.lexsort((keep, -needs[keep, 0]))]  # longest first, ties by index
 
     slots = _FirstFitSlots(num_slots=len(order), limits=[int(x) for x in limits])
@@ -135,6 +151,75 @@ def plan_rows(
         rows[row].append(int(index))
         slots.consume(row, need)
     return [sorted(row) for row in rows], dropped
+
+
+# Rows the balanced planner compares for each document: the emptiest ones by length.
+BALANCE_CANDIDATES = 4
+
+
+def plan_balanced_rows(
+    docs_stats: Sequence[DocStats], spec: PackingSpec, too_long: TooLongPolicy = "error"
+) -> tuple[list[list[int]], list[int]]:
+    """Assign documents to rows so that every row holds about the same amount of EVERY kind of position.
+
+    The planner of ``auto`` capacities (:mod:`higgs_tune.data.capacities`): the capacities are set
+    afterwards from the largest row, so the rows must be alike in all five dimensions (length, text
+    positions, audio positions, text targets, audio-target positions), not just full.
+
+    Algorithm: worst-fit decreasing over a fixed number of rows R. Documents are taken longest first
+    (ties by index); each goes, among the :data:`BALANCE_CANDIDATES` emptiest rows by length (ties by
+    row index) that can take it within the limits of ``spec``, to the one whose largest load relative to
+    a full row of the data's average composition (``share_d * seq_len``) stays smallest; when none can
+    take it, to a new row. Consecutive documents of the sorted order (similar length, often the same
+    kind) thus go to different rows, and each row ends with a slice of every length class. R starts at
+    the fewest rows the total length allows; a plan that had to open rows is redone with R = the rows it
+    used, so that leftovers never collect in rows of their own (a few rounds at most).
+
+    Args and returns: as :func:`plan_rows` (rows in row order, documents ascending within a row).
+    """
+    needs, limits, keep, dropped = _needs_and_drops(docs_stats, spec, too_long)
+    order = [int(i) for i in keep[np.lexsort((keep, -needs[keep, 0]))]]
+    if not order:
+        return [], dropped
+    total = needs[keep].sum(axis=0)
+    scale = [1.0 / max(float(t) / float(total[0]) * spec.seq_len, 1.0) for t in total]
+    limits_list = [int(x) for x in limits]
+    needs_list = needs.tolist()
+    num_rows = -(-int(total[0]) // spec.seq_len)
+    while True:
+        rows = _worst_fit(order, needs_list, limits_list, scale, num_rows)
+        if len(rows) == num_rows:
+            return [sorted(row) for row in rows], dropped
+        num_rows = len(rows)
+
+
+def _worst_fit(
+    order: list[int], needs: list[list[int]], limits: list[int], scale: list[float], num_rows: int
+) -> list[list[int]]:
+    """One round of :func:`plan_balanced_rows` with ``num_rows`` rows to start with."""
+    loads = [[0] * len(limits) for _ in range(num_rows)]
+    rows: list[list[int]] = [[] for _ in range(num_rows)]
+    heap = [(0, r) for r in range(num_rows)]  # (length load, row): the emptiest rows first
+    for index in order:
+        need = needs[index]
+        popped = [heapq.heappop(heap) for _ in range(min(BALANCE_CANDIDATES, len(heap)))]
+        best, best_score = None, 0.0
+        for _, row in popped:
+            load = loads[row]
+            if all(used + n <= limit for used, n, limit in zip(load, need, limits)):
+                score = max((used + n) * f for used, n, f in zip(load, need, scale))
+                if best is None or score < best_score:
+                    best, best_score = row, score
+        if best is None:
+            best = len(rows)
+            loads.append([0] * len(limits))
+            rows.append([])
+            popped.append((0, best))
+        loads[best] = [used + n for used, n in zip(loads[best], need)]
+        rows[best].append(index)
+        for _, row in popped:
+            heapq.heappush(heap, (loads[row][0], row))
+    return rows
 
 
 def collate_rows(
