@@ -286,3 +286,31 @@ def test_packing_report_figures(tmp_path, capsys):
     assert report["length_per_row_max"] <= 256
     assert report["rows"] >= -(-sum(fitting) // 256)  # at least the ideal number of rows
     assert report["batches_per_epoch"] == report["rows"] // 4
+
+
+def test_packing_report_says_what_auto_chooses_and_keeps_explicit_capacities(tmp_path, capsys):
+    from higgs_tune.data.dataset import build_higgs_dataset
+    from higgs_tune.data.tokenizer import HiggsTokenizer
+
+    load_tool("make_synthetic").make_synthetic(tmp_path, num_samples=60, num_val=2, seed=0)
+    report_tool = load_tool("packing_report")
+    manifest = str(tmp_path / "train.jsonl")
+    report_tool.main([manifest, "--seq-len", "512", "--seed", "7", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    names = ("text_ffn", "audio_ffn", "text_target", "audio_target")
+    train, _, stats = build_higgs_dataset(
+        HiggsTokenizer.from_path(TINY_TOKENIZER),
+        path=manifest,
+        seq_len=512,
+        batch_size=8,
+        seed=7,
+        **{f"{name}_capacity": "auto" for name in names},
+    )
+    assert {name: report[f"{name}_capacity"] for name in names} == train.capacities()
+    assert report["rows"] == len(train)
+    for name in names:
+        assert report[f"{name}_capacity_is"] == "auto"
+        assert report[f"{name}_padding_fraction"] == pytest.approx(stats[f"train_{name}_padding_fraction"])
+    report_tool.main([manifest, "--seq-len", "512", "--text-target-capacity", "64", "--json"])
+    explicit = json.loads(capsys.readouterr().out)
+    assert explicit["text_target_capacity"] == 64 and explicit["text_target_capacity_is"] == "explicit"
