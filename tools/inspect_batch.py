@@ -4,8 +4,9 @@
         [--row 0] [--seq-len 1024] [--model-config path/to/config.json] [--seed 0]
 
 The manifest is scanned and packed exactly as training does (:func:`higgs_tune.data.manifest.scan_manifest`,
-:func:`higgs_tune.data.dataset.pack_entries` with the same seed, too-long documents dropped), row ``--row``
-is built and collated (:func:`higgs_tune.data.packer.collate_rows`), and each position prints as::
+:func:`higgs_tune.data.dataset.pack_entries` with the same seed, ``auto`` capacities, too-long documents
+dropped), row ``--row`` is built and collated (:func:`higgs_tune.data.packer.collate_rows`), and each
+position prints as::
 
     pos  doc  in_pos  input                          text target        audio targets (k = 0..K-1)
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from higgs_tune.data.batch import IGNORE_INDEX, PackingSpec
+from higgs_tune.data.capacities import CAPACITY_NAMES
 from higgs_tune.data.dataset import pack_entries
 from higgs_tune.data.document import AudioLayout
 from higgs_tune.data.manifest import load_document, scan_manifest
@@ -102,7 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         layout = AudioLayout.from_model_config(hf_config)
     spec = PackingSpec(seq_len=args.seq_len, batch_size=1, num_codebooks=layout.num_codebooks)
     scan = scan_manifest(args.manifest, tokenizer, layout)
-    ordered, rows, dropped = pack_entries(scan.entries, spec, too_long="drop", seed=args.seed)
+    # the shipped configs' packing: every capacity auto
+    ordered, rows, dropped, spec = pack_entries(
+        scan.entries, spec, too_long="drop", seed=args.seed, auto=CAPACITY_NAMES
+    )
     if not 0 <= args.row < len(rows):
         raise SystemExit(f"--row {args.row}: the manifest packs into {len(rows)} rows of {args.seq_len}")
     entries = [ordered[i] for i in rows[args.row]]

@@ -6,10 +6,16 @@ pre-computed codes (``"audio_codes": "codes/0001.npy"``, an integer array [K, T]
 
 :func:`scan_manifest` checks every line once, cheaply, at set-up: JSON syntax, sample structure and
 roles, that there is something to train on, and every codes file (exists, readable, K codebooks, T > 0,
-values in range; ``.npy`` files are memory-mapped, only their values are read). It returns the good
-samples with their :class:`~higgs_tune.data.document.DocStats` (the lengths and counts the packer needs)
-and where each line starts in the file, so a sample is re-read and built on access
-(:func:`load_document`) without holding the data set in memory.
+values in range). It returns the good samples with their :class:`~higgs_tune.data.document.DocStats`
+(the lengths and counts the packer needs) and where each line starts in the file, so a sample is re-read
+and built on access (:func:`load_document`) without holding the data set in memory.
+
+The result is cached next to the manifest (``.<manifest name>.scan.npz``), keyed by the manifest's size
+and modification time, the tokenizer (:meth:`~higgs_tune.data.tokenizer.HiggsTokenizer.fingerprint`) and
+the audio layout: a second run on the same manifest reads its statistics instead of re-reading every
+line and codes file. Codes files are not part of the key: one changed after the scan is caught when its
+document is built (:func:`load_document` compares the statistics and names the line). A folder that
+cannot be written to only costs the cache (logged once); ``cache=False`` neither reads nor writes it.
 
 Bad samples (``on_bad_sample``):
 
@@ -25,7 +31,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -183,7 +190,7 @@ def _scan_line(line: bytes, manifest: Path, tokenizer: HiggsTokenizer, layout: A
     for ref in tokenized.audio:
         codes_path = resolve_codes_path(manifest, ref.codes_path)
         try:
-            codes = read_codes(codes_path, mmap=True)
+            codes = read_codes(codes_path)  # read, not memory-mapped: every value is checked anyway
             check_codes(codes, layout.num_codebooks, layout.codebook_size)
         except CodesFileError as error:
             raise SampleError(f"codes file {codes_path}: {error}") from None
@@ -200,10 +207,12 @@ def scan_manifest(
     layout: AudioLayout,
     *,
     on_bad_sample: OnBadSample = "error",
+    cache: bool = True,
 ) -> ManifestScan:
     """Validate every line of a JSONL manifest and size its documents (see the module docstring).
 
-    Blank lines are ignored. Line numbers are 1-based and count blank lines.
+    Blank lines are ignored. Line numbers are 1-based and count blank lines. ``cache``: read and write
+    the scan cache next to the manifest (module docstring).
 
     Raises:
         BadSampleError: the first bad sample under ``on_bad_sample="error"``.
@@ -215,6 +224,11 @@ def scan_manifest(
     manifest = Path(path)
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} not found")
+    key = _cache_key(manifest, tokenizer, layout) if cache else None
+    cached = _read_cache(manifest, key) if key is not None else None
+    if cached is not None:
+        _report_skipped(manifest, cached, on_bad_sample)
+        return cached
     entries: list[ManifestEntry] = []
     skipped: list[str] = []
     num_samples = 0
@@ -239,7 +253,87 @@ def scan_manifest(
         logger.warning(
             "%s: skipped %d of %d samples (on_bad_sample='skip')", manifest, len(skipped), num_samples
         )
+    scan = ManifestScan(manifest=manifest, entries=entries, num_samples=num_samples, skipped=skipped)
+    if key is not None:
+        _write_cache(scan, key)
+    return scan
+
+
+_STATS_FIELDS = tuple(f.name for f in fields(DocStats))
+
+
+def cache_path(manifest: Path) -> Path:
+    """Where :func:`scan_manifest` caches the scan of ``manifest``."""
+    return manifest.with_name(f".{manifest.name}.scan.npz")
+
+
+def _cache_key(manifest: Path, tokenizer: HiggsTokenizer, layout: AudioLayout) -> str:
+    stat = manifest.stat()
+    return json.dumps(
+        {
+            "format": 1,
+            "manifest_size": stat.st_size,
+            "manifest_mtime_ns": stat.st_mtime_ns,
+            "tokenizer": tokenizer.fingerprint(),
+            "layout": asdict(layout),
+        },
+        sort_keys=True,
+    )
+
+
+def _read_cache(manifest: Path, key: str) -> ManifestScan | None:
+    """The cached scan of ``manifest`` if its key matches, else None."""
+    path = cache_path(manifest)
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            if str(cached["key"]) != key:
+                return None
+            lines, offsets, stats = cached["line_numbers"], cached["byte_offsets"], cached["stats"]
+            skipped, num_samples = [str(m) for m in cached["skipped"]], int(cached["num_samples"])
+    except (OSError, KeyError, ValueError):  # no cache yet, or an unreadable one: scan again
+        return None
+    entries = [
+        ManifestEntry(manifest, int(line), int(offset), DocStats(*(int(x) for x in row)))
+        for line, offset, row in zip(lines.tolist(), offsets.tolist(), stats.tolist())
+    ]
     return ManifestScan(manifest=manifest, entries=entries, num_samples=num_samples, skipped=skipped)
+
+
+def _write_cache(scan: ManifestScan, key: str) -> None:
+    path = cache_path(scan.manifest)
+    stats = np.array(
+        [[getattr(e.stats, f) for f in _STATS_FIELDS] for e in scan.entries], dtype=np.int64
+    ).reshape(-1, len(_STATS_FIELDS))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(
+            tmp,
+            key=np.array(key),
+            line_numbers=np.array([e.line_number for e in scan.entries], dtype=np.int64),
+            byte_offsets=np.array([e.byte_offset for e in scan.entries], dtype=np.int64),
+            stats=stats,
+            skipped=np.array(scan.skipped, dtype=str),
+            num_samples=np.array(scan.num_samples),
+        )
+        os.replace(tmp, path)  # atomic: ranks writing at once leave one whole cache
+    except OSError as error:
+        logger.warning(
+            "%s: cannot write the scan cache %s (%s); the next run scans again", scan.manifest, path, error
+        )
+        tmp.unlink(missing_ok=True)
+
+
+def _report_skipped(manifest: Path, scan: ManifestScan, on_bad_sample: OnBadSample) -> None:
+    """A cached scan's bad samples, under this run's policy: the first one is an error, or each is logged."""
+    if not scan.skipped:
+        return
+    if on_bad_sample == "error":
+        raise BadSampleError(scan.skipped[0] + " (on_bad_sample='skip' skips such samples)")
+    for message in scan.skipped:
+        logger.warning("skipping sample %s", message)
+    logger.warning(
+        "%s: skipped %d of %d samples (on_bad_sample='skip')", manifest, len(scan.skipped), scan.num_samples
+    )
 
 
 def read_line(entry: ManifestEntry) -> bytes:

@@ -7,6 +7,7 @@ No special-token id is hard-coded anywhere in higgs_tune: ids come from the toke
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,10 @@ class HiggsTokenizer:
             raise FileNotFoundError(
                 f"no tokenizer.json at {checkpoint_dir}; the checkpoint directory holds none, pass --tokenizer PATH"
             ) from None
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokenizer's serialized form (vocabulary, merges, special tokens): names it in caches."""
+        return hashlib.sha256(self._tokenizer.to_str().encode("utf-8")).hexdigest()
 
     @property
     def vocab_size(self) -> int:
