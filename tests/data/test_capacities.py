@@ -125,9 +125,7 @@ def test_auto_is_deterministic_from_the_seed_and_an_explicit_capacity_wins(synth
     assert again.capacities() == first.capacities() and again.rows == first.rows
     mixed, _, _ = build(synthetic, seed=3, audio_ffn_capacity=300)
     assert mixed.capacities()["audio_ffn"] == 300
-    assert all(
-        sum(mixed.entries[i].stats.num_audio_positions for i in row) <= 300 for row in mixed.rows
-    )
+    assert all(sum(mixed.entries[i].stats.num_audio_positions for i in row) <= 300 for row in mixed.rows)
 
 
 def test_a_resumed_run_keeps_its_capacities_and_refuses_data_that_needs_larger_ones(synthetic):

@@ -44,7 +44,9 @@ def test_auto_capacities_are_the_same_on_one_and_two_processes(tmp_path: Path, s
     assert all(f"{name}={capacities[name]}" in line for name in NAMES) and "padding seq=" in line
 
 
-def test_a_resume_keeps_the_capacities_and_refuses_data_that_needs_larger_ones(tmp_path: Path, synthetic: Path):
+def test_a_resume_keeps_the_capacities_and_refuses_data_that_needs_larger_ones(
+    tmp_path: Path, synthetic: Path
+):
     first = tmp_path / "first"
     common = (*AUTO, "max_steps=4", "save_every_n_steps=2", "keep_last_n_checkpoints=3", "batch_size=2")
     run_recipe(first, synthetic, *common)
