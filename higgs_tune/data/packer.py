@@ -11,6 +11,7 @@ shifted once, per document, by :func:`higgs_tune.data.document.build_document`; 
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -172,8 +173,9 @@ def plan_balanced_rows(
     a full row of the data's average composition (``share_d * seq_len``) stays smallest; when none can
     take it, to a new row. Consecutive documents of the sorted order (similar length, often the same
     kind) thus go to different rows, and each row ends with a slice of every length class. R starts at
-    the fewest rows the total length allows; a plan that had to open rows is redone with R = the rows it
-    used, so that leftovers never collect in rows of their own (a few rounds at most).
+    the fewest rows the total length allows; a plan that had to open rows is redone with the rows it used
+    (from the third round on, plus the rows the last round opened, times the round), so that leftovers
+    never collect in rows of their own (two to four rounds).
 
     Args and returns: as :func:`plan_rows` (rows in row order, documents ascending within a row).
     """
@@ -186,11 +188,12 @@ def plan_balanced_rows(
     limits_list = [int(x) for x in limits]
     needs_list = needs.tolist()
     num_rows = -(-int(total[0]) // spec.seq_len)
-    while True:
+    for attempt in itertools.count():
         rows = _worst_fit(order, needs_list, limits_list, scale, num_rows)
         if len(rows) == num_rows:
             return [sorted(row) for row in rows], dropped
-        num_rows = len(rows)
+        # the rows it used, and from the second round on as many more as it had to open per round so far
+        num_rows = len(rows) + attempt * (len(rows) - num_rows)
 
 
 def _worst_fit(
