@@ -240,11 +240,11 @@ class HiggsFinetuneRecipe:
                 self.cfg.dataset[f"{name}_capacity"] = value
         if self.dist.is_main:
             (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-        splits = ("train", "val") if self.val_set is not None else ("train",)
-        for split in splits:
-            self._log(packing_summary(self.data_stats, split))
-            for warning in padding_warnings(self.data_stats, requested, split):
-                self._log(f"WARNING: {warning}")
+        self._log(packing_summary(self.data_stats, "train"))
+        for warning in padding_warnings(self.data_stats, requested, "train"):
+            self._log(f"WARNING: {warning}")
+        if self.val_set is not None:
+            self._log(packing_summary(self.data_stats, "val"))
 
     def _setup_model(self) -> torch.nn.Module:
         cfg = self.cfg

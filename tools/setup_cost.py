@@ -2,10 +2,11 @@
 
     python tools/setup_cost.py MANIFEST --seq-len 1024 [--tokenizer DIR] [--seed 0]
 
-Prints one JSON object: samples, rows, the chosen capacities, the seconds of the scan
-(:func:`higgs_tune.data.manifest.scan_manifest`) and of the plan (:func:`higgs_tune.data.dataset.
-pack_entries` with every capacity ``auto``), and this process's peak resident set size (GiB, from
-``getrusage``; run one manifest per process). Synthetic manifests of any size:
+Prints one JSON object: samples, rows, the chosen capacities, the wall-clock and CPU seconds (this
+process's user + system time, which other work on a shared machine does not inflate) of the scan
+(:func:`higgs_tune.data.manifest.scan_manifest`, its cache next to the manifest used when valid) and of
+the plan (:func:`higgs_tune.data.dataset.pack_entries` with every capacity ``auto``), and this process's
+peak resident set size (GiB, from ``getrusage``; run one manifest per process). Synthetic manifests of any size:
 ``python tools/make_synthetic.py --out DIR --num-samples N``.
 """
 
@@ -29,13 +30,13 @@ DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "higgs_tune" / "assets
 def setup_cost(manifest: Path, tokenizer: HiggsTokenizer, seq_len: int, seed: int = 0) -> dict:
     """Scan ``manifest`` and plan its rows with ``auto`` capacities; the figures this tool prints."""
     layout = AudioLayout()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     scan = scan_manifest(manifest, tokenizer, layout)
-    scanned = time.perf_counter()
+    scanned, scanned_cpu = time.perf_counter(), time.process_time()
     requested = dict.fromkeys(CAPACITY_NAMES, "auto")
     spec = fixed_spec(seq_len, 1, layout.num_codebooks, requested)
     _, rows, _, spec = pack_entries(scan.entries, spec, too_long="drop", seed=seed, auto=CAPACITY_NAMES)
-    planned = time.perf_counter()
+    planned, planned_cpu = time.perf_counter(), time.process_time()
     return {
         "manifest": str(manifest),
         "samples": scan.num_samples,
@@ -44,6 +45,8 @@ def setup_cost(manifest: Path, tokenizer: HiggsTokenizer, seq_len: int, seed: in
         "capacities": {name: spec.capacity(name) for name in CAPACITY_NAMES},
         "scan_s": scanned - start,
         "plan_s": planned - scanned,
+        "scan_cpu_s": scanned_cpu - start_cpu,
+        "plan_cpu_s": planned_cpu - scanned_cpu,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 

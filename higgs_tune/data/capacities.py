@@ -116,7 +116,7 @@ def shrink_to_rows(
     spec: PackingSpec, stats: Sequence[DocStats], rows: Sequence[Sequence[int]], names: Sequence[str]
 ) -> PackingSpec:
     """``spec`` with each capacity in ``names`` lowered to the largest use over ``rows``, rounded up with
-    :func:`round_capacity` (never above its value in ``spec`` when that is itself rounded)."""
+    :func:`round_capacity` (and at most its value in ``spec``, which the rows respect)."""
     if not names or not rows:
         return spec
     use = _row_use(_needs(stats), rows).max(axis=0)
