@@ -165,3 +165,17 @@ def test_padding_warning_names_the_knob():
     stats["train_audio_ffn_padding_fraction"] = 0.4
     (warning,) = padding_warnings(dict(stats, train_padding_fraction=0.1), {"audio_ffn": "auto"})
     assert "raise seq_len" in warning and "dataset.audio_ffn_capacity" in warning
+
+
+def test_config_validation_accepts_auto_and_numbers_and_names_a_bad_capacity():
+    from higgs_tune.config import ConfigError, load_config, validate_config
+
+    validate_config(load_config(REPO / "configs" / "cpu_tiny.yaml"))
+    validate_config(load_config(REPO / "configs" / "cpu_tiny.yaml", ["dataset.text_ffn_capacity=128"]))
+    for bad in ("autox", "0", "-3"):
+        with pytest.raises(
+            ConfigError, match="dataset.text_ffn_capacity must be a positive int, 'auto' or null"
+        ):
+            validate_config(
+                load_config(REPO / "configs" / "cpu_tiny.yaml", [f"dataset.text_ffn_capacity={bad}"])
+            )
