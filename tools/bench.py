@@ -322,16 +322,20 @@ def prepare_side(side: str, cli):
         tokens = [int(b["num_tokens"].sum()) for b in batches]
         return make_our_step(args, device, dtype, cli.mode, cli.our_optimizer), batches, tokens
     batches = reference_batches(dataset, steps, layout)
-    special = dataset.tokenizer.special
-    # Boson's merged length: real text tokens, each audio placeholder replaced by its columns.
-    tokens = [
+    tokens = reference_tokens(batches, dataset.tokenizer.special)
+    return make_reference_step(args, device, dtype), batches, tokens
+
+
+def reference_tokens(batches: list[Any], special) -> list[int]:
+    """Non-padding positions of each of Boson's collated batches: its merged length, real text tokens with
+    each audio placeholder replaced by its columns."""
+    return [
         int(b.attention_mask.sum())
         - int(((b.input_ids == special.audio_in) | (b.input_ids == special.audio_out)).sum())
         + b.audio_in_ids.shape[1]
         + b.audio_out_ids.shape[1]
         for b in batches
     ]
-    return make_reference_step(args, device, dtype), batches, tokens
 
 
 def finish_side(result: dict[str, Any], tokens: list[int], cli) -> dict[str, Any]:

@@ -63,14 +63,7 @@ def reference_tokens_per_s(data: Path, batch: int, steps: int, warmup: int) -> f
     samples = SimpleNamespace(entries=entries, rows=groups, tokenizer=tokenizer)
     step_groups = [[g] for g in range(warmup + steps)]
     batches = bench.reference_batches(samples, step_groups, layout)
-    special = tokenizer.special
-    tokens = [
-        int(b.attention_mask.sum())
-        - int(((b.input_ids == special.audio_in) | (b.input_ids == special.audio_out)).sum())
-        + b.audio_in_ids.shape[1]
-        + b.audio_out_ids.shape[1]
-        for b in batches
-    ]
+    tokens = bench.reference_tokens(batches, tokenizer.special)
     run = bench.make_reference_step(args, torch.device("cpu"), torch.float32)
     times = []
     for i, batch_inputs in enumerate(batches):

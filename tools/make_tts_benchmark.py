@@ -19,27 +19,19 @@ Train on it with the shipped demo config, capacities left to ``auto``::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-TOOLS = Path(__file__).resolve().parent
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools below
+import bench  # noqa: E402
+import make_synthetic as synthetic  # noqa: E402
 
 
 def write_manifest(out: Path, num_samples: int, words: int, frames: int, seed: int) -> Path:
     """``out/train.jsonl`` + ``out/codes/*.npy`` (see the module docstring)."""
-    synthetic = _tool("make_synthetic")
     rng = np.random.default_rng(seed)
     (out / "codes").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -70,7 +62,6 @@ def write_checkpoint(out: Path, seed: int) -> Path:
     from higgs_tune.models.higgs_audio.builders import build_model
     from higgs_tune.models.higgs_audio.checkpoint import save_hf_checkpoint
 
-    bench = _tool("bench")
     args = bench.model_args(bench.CONFIGS["cpu3b"])
     torch.manual_seed(seed)
     model = build_model(args, dtype=torch.float32)
