@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for seq_len in cli.seq_lens:
         before = reference_tokens_per_s(cli.data, cli.reference_batch, cli.reference_steps, warmup=1)
+        print(f"seq_len {seq_len}: reference {before:.1f} tokens/s (before)", file=sys.stderr, flush=True)
         ours = tune_run(cli.data, seq_len, cli.max_steps, cli.out / f"seq_{seq_len}")
+        print(f"seq_len {seq_len}: ours {ours}", file=sys.stderr, flush=True)
         after = reference_tokens_per_s(cli.data, cli.reference_batch, cli.reference_steps, warmup=1)
         reference = (before + after) / 2
         result = {"seq_len": seq_len, **ours, "reference_tokens_per_s": [before, after]}
