@@ -60,6 +60,11 @@ from higgs_tune.models.higgs_audio.lora import (
     save_adapter,
     set_trainable,
 )
+from higgs_tune.models.higgs_audio.qlora import (
+    quantize_lora_base_,
+    quantized_modules,
+    state_dict_with_dequantized_base,
+)
 from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
 from higgs_tune.training.checkpointing import (
     latest_checkpoint,
@@ -236,9 +241,13 @@ class HiggsFinetuneRecipe:
                     alpha=lora.alpha,
                     dropout=lora.get("dropout", 0.0),
                 )
+            if finetune.get("quantize_base") is not None:  # QLoRA: the bases under the adapters in NF4
+                quantize_lora_base_(model, **finetune.quantize_base)
         set_trainable(model, finetune.get("mode", "full"))
         apply_activation_checkpointing(model, enabled=cfg.get("activation_checkpointing", False))
         if self.dist.is_distributed:
+            if quantized_modules(model):
+                raise ValueError("finetune.quantize_base (QLoRA) is single-process; remove it with torchrun")
             if cfg.cuda_graphs:
                 raise ValueError(
                     "cuda_graphs=true is single-process only; set cuda_graphs=false with torchrun"
@@ -550,6 +559,8 @@ class HiggsFinetuneRecipe:
         if not self.dist.is_main:
             return
         # LoRA runs export merged weights (loadable as a plain checkpoint) and the adapter alone.
+        if full_state is None and quantized_modules(self.model):  # QLoRA: merge into dequantized bases
+            full_state = state_dict_with_dequantized_base(self.model)
         export_dir = save_hf_checkpoint(
             merged_state_dict(self.model, full_state), self.model.args, self.output_dir / "hf"
         )
