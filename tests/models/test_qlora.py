@@ -170,11 +170,21 @@ def test_merged_export_loads_in_boson_with_the_logits_of_the_dequantized_base_mo
     assert (boson_out.text_logits - reference.text_logits).abs().max() > 1e-3
 
 
-
 def test_nf4_bytes_is_what_torchao_stores():
-    for shape, options in (((3072, 8192), NF4Options()), ((8208, 64), NF4Options(64, 16)), ((32, 64), NF4Options(64, 16))):
-        weight = to_nf4(torch.randn(shape, dtype=torch.bfloat16), options.block_size, options.scaler_block_size)
-        inner = (weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean)
+    for shape, options in (
+        ((3072, 8192), NF4Options()),
+        ((8208, 64), NF4Options(64, 16)),
+        ((32, 64), NF4Options(64, 16)),
+    ):
+        weight = to_nf4(
+            torch.randn(shape, dtype=torch.bfloat16), options.block_size, options.scaler_block_size
+        )
+        inner = (
+            weight.quantized_data,
+            weight.quantized_scalers,
+            weight.quantization_factor,
+            weight.scaler_mean,
+        )
         stored = sum(t.numel() * t.element_size() for t in (*inner, weight.nf4))
         assert nf4_bytes(weight.numel(), options) == stored, shape
     assert nf4_bytes(3072 * 8192) / (3072 * 8192) < 0.52  # vs 2 bytes per bf16 weight

@@ -4,17 +4,23 @@ bf16, LoRA targets and rank, activation checkpointing, NF4 options), resumed exa
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed.checkpoint as dcp
 from boson_multimodal.model.higgs_audio import HiggsAudioModel as BosonModel
 from recipe_testing import ENV, REPO, TUNE, losses_by_step
 from safetensors import safe_open
 
 from higgs_tune.config import ConfigError, load_config, validate_config
+from higgs_tune.models.higgs_audio.builders import higgs_audio_tiny
+from higgs_tune.models.higgs_audio.lora import apply_lora, set_trainable
+from higgs_tune.models.higgs_audio.qlora import quantize_lora_base_, quantized_modules
 
 CONFIGS = ("rtx24gb_lora", "rtx16gb_qlora")
 TOKENIZER = REPO / "higgs_tune" / "assets" / "tiny_tokenizer" / "tokenizer.json"
@@ -115,3 +121,66 @@ def test_qlora_refuses_torchrun(tmp_path, synthetic):
     """QLoRA is single-process: with torchrun the recipe stops at model set-up, saying so."""
     with pytest.raises(AssertionError, match="QLoRA"):
         tiny_run("rtx16gb_qlora", tmp_path / "out", synthetic, "max_steps=1", nproc=2)
+
+
+# ------------------------------------------------------------------------- tools/memory_estimate.py
+def _estimate_tool():
+    spec = importlib.util.spec_from_file_location("memory_estimate", REPO / "tools" / "memory_estimate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_estimate_fits_each_config_on_its_card_with_margin(capsys):
+    tool = _estimate_tool()
+    lora = tool.main(["--config", "configs/rtx24gb_lora.yaml", "--card", "rtx24gb", "--json"])
+    qlora = tool.main(["--config", "configs/rtx16gb_qlora.yaml", "--card", "rtx16gb", "--json"])
+    capsys.readouterr()
+    assert lora["headroom_gib"] > 2.0 and qlora["headroom_gib"] > 2.0
+    assert qlora["setup_headroom_gib"] > 1.0  # the bf16 checkpoint fits before it is quantized
+    # the NF4 bases: about a quarter of the same weights in bf16
+    bf16_of_quantized = (
+        lora["static"]["frozen/base weights (model dtype)"]
+        - qlora["static"]["frozen/base weights (model dtype)"]
+    )
+    assert 0.25 < qlora["static"]["NF4 base weights"] / bf16_of_quantized < 0.27
+    assert lora["trained_parameters"] == qlora["trained_parameters"] == 39_452_672  # r=16, 196 modules
+    longer = tool.main(["--config", "configs/rtx16gb_qlora.yaml", "--json", "seq_len=8192"])
+    capsys.readouterr()
+    assert longer["peak_allocated"] > qlora["peak_allocated"]
+    tool.main(["--config", "configs/rtx16gb_qlora.yaml", "--card", "rtx16gb"])
+    assert "rtx16gb (16.0 GiB): headroom" in capsys.readouterr().out
+
+
+def test_memory_estimate_counts_the_bytes_a_real_qlora_model_holds():
+    """The static part of the estimate against the tensors of the same (tiny) model, built for real."""
+    tool = _estimate_tool()
+    overrides = [
+        "model=higgs_tune.models.higgs_audio.builders.higgs_audio_tiny",
+        "checkpointer.checkpoint_dir=null",
+        "finetune.quantize_base.scaler_block_size=16",
+    ]
+    cfg = load_config(REPO / "configs" / "rtx16gb_qlora.yaml", overrides)
+    static = tool.estimate(cfg)["static"]
+    model = higgs_audio_tiny(dtype=torch.bfloat16)
+    apply_lora(model, list(cfg.finetune.lora.targets), rank=cfg.finetune.lora.rank, alpha=16.0)
+    quantize_lora_base_(model, **cfg.finetune.quantize_base)
+    set_trainable(model, "lora")
+    nf4 = 0
+    for module in quantized_modules(model).values():
+        weight = module.weight
+        inner = (
+            weight.quantized_data,
+            weight.quantized_scalers,
+            weight.quantization_factor,
+            weight.scaler_mean,
+        )
+        nf4 += sum(t.numel() * t.element_size() for t in (*inner, weight.nf4))
+    params = dict(model.named_parameters())
+    assert static["NF4 base weights"] == nf4
+    assert static["LoRA adapters"] == sum(p.numel() * 2 for n, p in params.items() if "lora_" in n)
+    assert static["frozen/base weights (model dtype)"] == sum(
+        p.numel() * 2 for n, p in params.items() if "lora_" not in n
+    )
+    assert static["gradients"] == sum(p.numel() * 2 for p in params.values() if p.requires_grad)
