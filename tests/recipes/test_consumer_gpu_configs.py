@@ -184,3 +184,16 @@ def test_memory_estimate_counts_the_bytes_a_real_qlora_model_holds():
         p.numel() * 2 for n, p in params.items() if "lora_" not in n
     )
     assert static["gradients"] == sum(p.numel() * 2 for p in params.values() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_gpu_check_consumer_section_runs_both_configs_on_cpu(tmp_path):
+    """tools/gpu_check.py's consumer-config section (CUDA: 3B, 20 steps), here with the tiny model on CPU."""
+    out = tmp_path / "gpu_check.md"
+    command = [sys.executable, "tools/gpu_check.py", "--device", "cpu", "--only-consumer"]
+    command += ["--consumer-size", "tiny", "--consumer-steps", "2", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| rtx")]
+    assert [row.split(" | ")[0] for row in rows] == ["| rtx24gb_lora", "| rtx16gb_qlora"]
+    assert not any("FAILED" in row for row in rows), rows
