@@ -1,6 +1,8 @@
-"""configs/rtx24gb_lora.yaml (bf16 LoRA) and configs/rtx16gb_qlora.yaml (QLoRA, NF4 base): validated as
-shipped, then each run on CPU with the tiny model through `tune run` (the configs' own settings otherwise:
-bf16, LoRA targets and rank, activation checkpointing, NF4 options), resumed exactly, exported for Boson."""
+"""configs/rtx24gb_lora.yaml (bf16 LoRA) and configs/rtx16gb_qlora.yaml (QLoRA, NF4 base): bad QLoRA
+settings are config errors (`tune validate` of every shipped config: tests/cli/test_tune_command.py);
+each config runs on CPU with the tiny model through `tune run` (its own settings otherwise: bf16, LoRA
+targets and rank, activation checkpointing, NF4 options), resumes exactly and exports for Boson; the
+memory estimate and the GPU check's consumer section."""
 
 from __future__ import annotations
 
@@ -25,15 +27,6 @@ from higgs_tune.models.higgs_audio.qlora import quantize_lora_base_, quantized_m
 CONFIGS = ("rtx24gb_lora", "rtx16gb_qlora")
 TOKENIZER = REPO / "higgs_tune" / "assets" / "tiny_tokenizer" / "tokenizer.json"
 LORA_TARGET_WEIGHTS = ("self_attn.q_proj.weight", "mlp.down_proj.weight", "audio_mlp.gate_proj.weight")
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_tune_validate_accepts_the_config(name):
-    result = subprocess.run(
-        [TUNE, "validate", f"configs/{name}.yaml"], cwd=REPO, env=ENV, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    assert "well-formed" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
