@@ -16,7 +16,7 @@ for docs/benchmarks.md.
 3. Consumer configs: ``configs/rtx24gb_lora.yaml`` and ``configs/rtx16gb_qlora.yaml`` run by the
    recipe's own class for 20 steps on the 3B architecture with random weights (synthetic data, tiny
    tokenizer ids): peak ``torch.cuda.max_memory_allocated`` of the set-up and of the 20 steps, next to
-   ``tools/memory_estimate.py``'s figure and the card each config is made for.
+   ``tools/memory_estimate.py``'s figure and the card each config is made for; then the merged export.
 
 Every section is printed (and appended to ``--out``, by default ``$OUT/gpu_check.md`` when ``$OUT`` is
 set) as soon as it is done, so a run cut short by a time limit still reports what it finished.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -213,8 +214,8 @@ def consumer_config_memory(report: Report, cli, data_dir: Path) -> None:
         f"### Consumer configs, {cli.consumer_size} model, random weights, {cli.consumer_steps} steps "
         f"(`python tools/gpu_check.py`)",
         "",
-        "| config | card | set-up peak (GiB) | training peak (GiB) | estimate (GiB) | s/step |",
-        "|---|---|---|---|---|---|",
+        "| config | card | set-up peak (GiB) | training peak (GiB) | estimate (GiB) | s/step | export (s) |",
+        "|---|---|---|---|---|---|---|",
     )
     for name, card in CONSUMER_CONFIGS.items():
         overrides = [
@@ -254,14 +255,19 @@ def consumer_config_memory(report: Report, cli, data_dir: Path) -> None:
             recipe.train()
             seconds = (time.perf_counter() - start) / cli.consumer_steps
             train_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+            start = time.perf_counter()
+            recipe.save_export(recipe.full_state_dict())  # merged bf16 export (QLoRA: dequantized bases)
+            export_seconds = time.perf_counter() - start
             recipe.cleanup()
             del recipe
+            shutil.rmtree(data_dir / name)  # 11 GB of export per config at 3B
         except Exception as error:  # report and go on: the other config's numbers are still wanted
             traceback.print_exc()
-            report.add(f"| {name} | {card} | FAILED: {type(error).__name__}: {str(error)[:200]} | | | |")
+            report.add(f"| {name} | {card} | FAILED: {type(error).__name__}: {str(error)[:200]} | | | | |")
             continue
         report.add(
-            f"| {name} | {card} | {setup_peak:.2f} | {train_peak:.2f} | {estimate:.2f} | {seconds:.2f} |"
+            f"| {name} | {card} | {setup_peak:.2f} | {train_peak:.2f} | {estimate:.2f} | {seconds:.2f} "
+            f"| {export_seconds:.0f} |"
         )
 
 

@@ -199,3 +199,15 @@ def test_bad_inputs_are_one_line_errors():
         quantize_lora_base_(model)  # 2048 elements: 32 blocks, fewer than one block of 256 scales
     with pytest.raises(ValueError, match="scaler_block_size must be a positive int"):
         NF4Options(scaler_block_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_export_state_of_a_cuda_qlora_model_is_merged_on_the_cpu():
+    """The recipe's export path on a GPU: the dequantized bases and the adapters both on the CPU."""
+    model = _lora_model(torch.bfloat16).cuda()
+    quantize_lora_base_(model, **TINY_NF4)
+    assert all(m.weight.device.type == "cuda" for m in quantized_modules(model).values())
+    full = state_dict_with_dequantized_base(model)
+    assert {v.device.type for v in full.values()} == {"cpu"}
+    merged = merged_state_dict(model, full)
+    assert set(merged) == set(higgs_audio_tiny().state_dict())

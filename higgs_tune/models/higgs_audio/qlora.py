@@ -121,12 +121,14 @@ def quantize_lora_base_(model: nn.Module, block_size: int = 64, scaler_block_siz
 def state_dict_with_dequantized_base(
     model: nn.Module, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` (clean names) plus every NF4 base weight dequantized to its original dtype
-    on ``device``: the complete state in Boson's key names, for the merged export.
+    """``model.state_dict()`` (clean names) plus every NF4 base weight dequantized to its original dtype,
+    ALL on ``device``: the complete state in Boson's key names, for the merged export (the adapters sit
+    next to their bases, so the merge runs where they are: the CPU by default).
 
-    Dequantizes one weight at a time, so the device holds at most one extra full-precision weight.
+    Dequantizes one weight at a time, so the model's device holds at most one extra full-precision
+    weight besides the model (a 16 GB card cannot hold the whole dequantized base next to it).
     """
-    state = {_clean(k): v for k, v in model.state_dict().items()}
+    state = {_clean(k): v.to(device) for k, v in model.state_dict().items()}
     for name, module in quantized_modules(model).items():
         state[f"{name}.weight"] = module.weight.get_original_weight().to(device)
     return state
