@@ -68,6 +68,10 @@ def boson_and_transformers_checkpoints(tmp_path: Path, dac_dir: Path, **model_ov
     transformers' layout by tools/convert.py (processor pointing at ``dac_dir``)."""
     torch.manual_seed(0)
     model = higgs_audio_tiny(**model_overrides)
+    with torch.no_grad():  # norm weights away from 1, so a norm applied at the wrong positions shows
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
     boson_dir = save_hf_checkpoint(model.state_dict(), model.args, tmp_path / "boson")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(TINY_TOKENIZER / name, boson_dir / name)

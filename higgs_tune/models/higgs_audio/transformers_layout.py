@@ -277,7 +277,9 @@ def args_from_transformers_config(
     """Our architecture from transformers' ``config.json`` (``HiggsAudioV2Config`` defaults for absent keys).
 
     Every layer becomes DualFFN (``dual_ffn_fast_forward`` over all layers, the released Boson config);
-    ``<|AUDIO|>`` and ``<|audio_eos|>`` come from ``tokenizer``.
+    ``<|AUDIO|>`` and ``<|audio_eos|>`` come from ``tokenizer``. The fields Boson's config records
+    without using them take the released model's values: ``tie_word_embeddings=True`` (the text head is
+    untied either way), audio FFN sizes equal to the text FFN's.
 
     Raises:
         TransformersLayoutError: not a higgs_audio_v2 config, or options our model does not compute.
@@ -321,6 +323,7 @@ def args_from_transformers_config(
         codebook_size=codebook_vocab - 2,
         audio_stream_bos_id=int(config["audio_stream_bos_id"]),
         audio_stream_eos_id=int(config["audio_stream_eos_id"]),
+        tie_word_embeddings=True,
         audio_adapter_type="dual_ffn_fast_forward",
         audio_dual_ffn_layers=tuple(range(num_layers)),
         audio_ffn_hidden_size=hidden,
