@@ -52,7 +52,6 @@ from higgs_tune.loss import AlignmentLayout, check_batch_alignment, warn_if_impl
 from higgs_tune.models.audio_decoder import AudioCodecDecoder, write_wav
 from higgs_tune.models.higgs_audio.builders import build_model, from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import read_model_args, save_hf_checkpoint
-from higgs_tune.models.higgs_audio.transformers_layout import DEFAULT_AUDIO_TOKENIZER
 from higgs_tune.models.higgs_audio.lora import (
     apply_lora,
     lora_modules,
@@ -60,6 +59,7 @@ from higgs_tune.models.higgs_audio.lora import (
     save_adapter,
     set_trainable,
 )
+from higgs_tune.models.higgs_audio.transformers_layout import DEFAULT_AUDIO_TOKENIZER
 from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
 from higgs_tune.training.checkpointing import (
     latest_checkpoint,

@@ -40,7 +40,9 @@ def convert(src: Path, dst: Path, to: str, tokenizer: Path | None, audio_tokeniz
     tokenizer_dir = Path(HiggsTokenizer.for_checkpoint(src, tokenizer).source).parent
     args = read_model_args(src)
     state_dict = read_hf_state_dict(src)  # our names, stored dtype
-    out = save_hf_checkpoint(state_dict, args, dst, layout=to, tokenizer_dir=tokenizer_dir, audio_tokenizer=audio_tokenizer)
+    out = save_hf_checkpoint(
+        state_dict, args, dst, layout=to, tokenizer_dir=tokenizer_dir, audio_tokenizer=audio_tokenizer
+    )
     if to == "boson":
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
@@ -53,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", type=Path, help="checkpoint directory (Boson's or transformers' layout)")
     parser.add_argument("dst", type=Path, help="output directory")
     parser.add_argument("--to", choices=LAYOUTS, required=True, help="layout to write")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json or its folder (default: SRC's)")
-    parser.add_argument("--audio-tokenizer", default=DEFAULT_AUDIO_TOKENIZER, help="processor's audio tokenizer")
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="tokenizer.json or its folder (default: SRC's)"
+    )
+    parser.add_argument(
+        "--audio-tokenizer", default=DEFAULT_AUDIO_TOKENIZER, help="processor's audio tokenizer"
+    )
     args = parser.parse_args(argv)
     try:
         source_layout = checkpoint_layout(args.src)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from higgs_model_testing import boson_config, boson_model
 from safetensors.torch import load_file, save_file
 
-from higgs_model_testing import boson_config, boson_model
 from higgs_tune.models.higgs_audio.builders import higgs_audio_3b, higgs_audio_tiny
 from higgs_tune.models.higgs_audio.checkpoint import (
     CheckpointKeyError,
@@ -92,7 +92,10 @@ def test_key_names_of_the_released_model_map_both_ways():
     mapped = [to_transformers_key(k) for k in keys]
     assert len(set(mapped)) == len(keys)
     assert [from_transformers_key(k) for k in mapped] == keys
-    assert to_transformers_key("layers.27.audio_mlp.gate_proj.weight") == "model.layers.27.audio_mlp.gate_proj.weight"
+    assert (
+        to_transformers_key("layers.27.audio_mlp.gate_proj.weight")
+        == "model.layers.27.audio_mlp.gate_proj.weight"
+    )
     assert to_transformers_key("audio_decoder_proj.text_lm_head.weight") == "text_lm_head.weight"
     with pytest.raises(TransformersLayoutError, match="not a transformers HiggsAudioV2 parameter"):
         from_transformers_key("lm_head.weight")
@@ -110,7 +113,11 @@ def test_models_transformers_cannot_compute_are_refused(tmp_path, overrides, opt
     model = higgs_audio_tiny(**overrides)
     with pytest.raises(TransformersLayoutError, match=option.replace("(", r"\(").replace(")", r"\)")):
         save_hf_checkpoint(
-            model.state_dict(), model.args, tmp_path / "hf", layout="transformers", tokenizer_dir=TINY_TOKENIZER
+            model.state_dict(),
+            model.args,
+            tmp_path / "hf",
+            layout="transformers",
+            tokenizer_dir=TINY_TOKENIZER,
         )
     assert not (tmp_path / "hf").exists()
 

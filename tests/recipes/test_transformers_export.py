@@ -30,7 +30,11 @@ def test_exports_transformers_layout_and_fine_tunes_from_it(tmp_path: Path, synt
     # checkpointer.checkpoint_dir takes the transformers-layout directory; lr 0 keeps the weights
     second = tmp_path / "second"
     run_recipe(
-        second, synthetic, "max_steps=1", "batch_size=2", "optimizer.lr=0.0",
+        second,
+        synthetic,
+        "max_steps=1",
+        "batch_size=2",
+        "optimizer.lr=0.0",
         f"checkpointer.checkpoint_dir={first / 'hf_transformers'}",
     )
     again = load_file(second / "hf" / "model.safetensors")

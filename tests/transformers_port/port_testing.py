@@ -87,7 +87,10 @@ def load_processor(transformers_dir: Path, dac_dir: Path) -> HiggsAudioV2Process
     shutil.copytree(transformers_dir, copy, dirs_exist_ok=True)
     config_path = copy / "processor_config.json"
     config = json.loads(config_path.read_text())
-    config["audio_tokenizer"] = {"audio_tokenizer_class": "DacModel", "audio_tokenizer_name_or_path": str(dac_dir)}
+    config["audio_tokenizer"] = {
+        "audio_tokenizer_class": "DacModel",
+        "audio_tokenizer_name_or_path": str(dac_dir),
+    }
     config_path.write_text(json.dumps(config))
     return HiggsAudioV2Processor.from_pretrained(copy)
 
@@ -95,7 +98,11 @@ def load_processor(transformers_dir: Path, dac_dir: Path) -> HiggsAudioV2Process
 def load_transformers_model(transformers_dir: Path) -> HiggsAudioV2ForConditionalGeneration:
     """transformers' model with its text head, fp32, eager attention, eval; no missing/unexpected keys."""
     model, info = HiggsAudioV2ForConditionalGeneration.from_pretrained(
-        transformers_dir, use_text_head=True, output_loading_info=True, dtype=torch.float32, attn_implementation="eager"
+        transformers_dir,
+        use_text_head=True,
+        output_loading_info=True,
+        dtype=torch.float32,
+        attn_implementation="eager",
     )
     problems = {k: v for k, v in info.items() if v}
     if problems:
@@ -115,7 +122,11 @@ def conversations() -> dict[str, list[dict]]:
     audio = lambda frames, seed: [{"type": "audio", "audio": waveform(frames, seed)}]  # noqa: E731
     system = {"role": "system", "content": text(SYSTEM)}
     return {
-        "tts": [system, {"role": "user", "content": text("a b c")}, {"role": "assistant", "content": audio(6, 1)}],
+        "tts": [
+            system,
+            {"role": "user", "content": text("a b c")},
+            {"role": "assistant", "content": audio(6, 1)},
+        ],
         "voice_cloning": [
             system,
             {"role": "user", "content": text("a b")},

@@ -11,6 +11,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from port_testing import (
+    SYSTEM,
+    TINY_TOKENIZER,
+    batch_from_port_inputs,
+    boson_and_transformers_checkpoints,
+    conversations,
+    load_processor,
+    load_transformers_model,
+    process,
+    tiny_dac,
+)
 
 from higgs_tune.data.batch import IGNORE_INDEX, PackingSpec
 from higgs_tune.data.chatml import tokenize_sample
@@ -18,21 +29,15 @@ from higgs_tune.data.document import AudioLayout, build_document
 from higgs_tune.data.packer import collate_rows
 from higgs_tune.data.tokenizer import HiggsTokenizer
 from higgs_tune.loss import AlignedLoss
-from higgs_tune.models.higgs_audio.checkpoint import load_hf_checkpoint, read_hf_state_dict
-from port_testing import (
-    SYSTEM,
-    TINY_TOKENIZER,
-    batch_from_port_inputs,
-    boson_and_transformers_checkpoints,
-    conversations,
-    convert,
-    load_processor,
-    load_transformers_model,
-    process,
-    tiny_dac,
-)
+from higgs_tune.models.higgs_audio.checkpoint import load_hf_checkpoint
 
 NUM_CODEBOOKS, CODEBOOK_VOCAB = 8, 1026
+
+
+def model_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The processor outputs transformers' model takes (no labels)."""
+    keys = ("input_ids", "attention_mask", "audio_input_ids", "audio_input_ids_mask")
+    return {key: inputs[key] for key in keys}
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +79,8 @@ def test_logits_match_transformers(port, kind):
     ours, theirs, processor, _ = port
     inputs = process(processor, conversations()[kind])
     with torch.no_grad():
-        out = theirs(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            audio_input_ids=inputs["audio_input_ids"],
-            audio_input_ids_mask=inputs["audio_input_ids_mask"],
-            output_hidden_states=False,
-        )
-        their_text = theirs.text_lm_head(theirs.model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            audio_input_ids=inputs["audio_input_ids"],
-            audio_input_ids_mask=inputs["audio_input_ids_mask"],
-        ).last_hidden_state)
+        out = theirs(**model_inputs(inputs))
+        their_text = theirs.text_lm_head(theirs.model(**model_inputs(inputs)).last_hidden_state)
         batch = batch_from_port_inputs(inputs, processor.audio_token_id, processor.audio_delay_token_id)
         mine = ours.forward_full(batch)
     their_audio = out.logits.unflatten(-1, (NUM_CODEBOOKS, CODEBOOK_VOCAB))  # [1, L, K, C]
@@ -176,20 +170,13 @@ def test_training_loss_differences(port):
        of generation) is never trained by the port, while we train it;
     3. every audio segment is labelled, the voice-cloning reference clip included (our start_index leaves
        it untrained);
-    4. its text labels keep the K-1 delay placeholders and <|audio_eos|> after the speech (our text
-       targets there: <|audio_eos|> only after the last column).
+    4. its text labels keep the K-1 delay placeholders of every segment as targets; ours never do.
     """
     ours, theirs, processor, _ = port
     conversation = conversations()["voice_cloning"]
     inputs = process(processor, conversation)
     with torch.no_grad():
-        audio_only = theirs(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            audio_input_ids=inputs["audio_input_ids"],
-            audio_input_ids_mask=inputs["audio_input_ids_mask"],
-            audio_labels=inputs["audio_labels"],
-        ).loss
+        audio_only = theirs(**model_inputs(inputs), audio_labels=inputs["audio_labels"]).loss
         full = ours.forward_full(
             batch_from_port_inputs(inputs, processor.audio_token_id, processor.audio_delay_token_id)
         )

@@ -74,7 +74,11 @@ def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 def checkpoint_layout(checkpoint_dir: str | Path) -> str:
     """``"boson"`` or ``"transformers"``, from the directory's ``config.json``."""
-    return "transformers" if transformers_layout.is_transformers_config(read_hf_config(checkpoint_dir)) else "boson"
+    return (
+        "transformers"
+        if transformers_layout.is_transformers_config(read_hf_config(checkpoint_dir))
+        else "boson"
+    )
 
 
 def read_model_args(checkpoint_dir: str | Path, **overrides: Any) -> HiggsAudioModelArgs:

@@ -195,7 +195,9 @@ def from_transformers_key(key: str) -> str:
     raise TransformersLayoutError(f"not a transformers HiggsAudioV2 parameter: {key!r}")
 
 
-def rename_state_dict(state_dict: Mapping[str, torch.Tensor], to_transformers: bool) -> dict[str, torch.Tensor]:
+def rename_state_dict(
+    state_dict: Mapping[str, torch.Tensor], to_transformers: bool
+) -> dict[str, torch.Tensor]:
     """The same tensors (not copied) under the other layout's names."""
     rename = to_transformers_key if to_transformers else from_transformers_key
     return {rename(key): tensor for key, tensor in state_dict.items()}
@@ -401,7 +403,9 @@ def write_transformers_side_files(
     tokenizer = HiggsTokenizer.from_path(tokenizer_dir)
     config = transformers_config(args, tokenizer, dtype)
     (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (output_dir / "generation_config.json").write_text(json.dumps(generation_config(args, tokenizer), indent=2) + "\n")
+    (output_dir / "generation_config.json").write_text(
+        json.dumps(generation_config(args, tokenizer), indent=2) + "\n"
+    )
     (output_dir / "processor_config.json").write_text(
         json.dumps(processor_config(args, audio_tokenizer), indent=2) + "\n"
     )
@@ -410,7 +414,9 @@ def write_transformers_side_files(
         if (tokenizer_dir / name).is_file() and name != "tokenizer_config.json":
             shutil.copyfile(tokenizer_dir / name, output_dir / name)
     tokenizer_config_path = tokenizer_dir / "tokenizer_config.json"
-    tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
+    tokenizer_config = (
+        json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
+    )
     tokenizer_config.setdefault("bos_token", "<|begin_of_text|>")
     tokenizer_config.setdefault("eos_token", "<|end_of_text|>")
     tokenizer_config["pad_token"] = tokenizer_config["eos_token"]
