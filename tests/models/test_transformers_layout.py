@@ -19,6 +19,7 @@ from higgs_tune.models.higgs_audio.checkpoint import (
     CheckpointKeyError,
     checkpoint_layout,
     load_hf_checkpoint,
+    read_hf_config,
     read_model_args,
     save_hf_checkpoint,
 )
@@ -137,3 +138,41 @@ def test_transformers_checkpoint_without_text_head_or_tokenizer_is_a_clear_error
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert "no tokenizer.json" in result.stderr
+
+
+def test_evaluate_reads_the_transformers_layout_like_bosons(tmp_path):
+    """tools/evaluate.py on a Boson export and on its transformers conversion: the same numbers."""
+    data = tmp_path / "data"
+    made = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_synthetic.py"),
+            "--out",
+            str(data),
+            "--num-samples",
+            "6",
+            "--num-val",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    model = higgs_audio_tiny()
+    boson = with_tokenizer(save_hf_checkpoint(model.state_dict(), model.args, tmp_path / "boson"))
+    assert convert(boson, tmp_path / "hf", "transformers").returncode == 0
+    results = []
+    for checkpoint in (boson, tmp_path / "hf"):
+        evaluated = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "evaluate.py"), "--checkpoint", str(checkpoint)]
+            + ["--data", str(data / "train.jsonl"), "--device", "cpu", "--seq-len", "256"],
+            capture_output=True,
+            text=True,
+        )
+        assert evaluated.returncode == 0, evaluated.stderr
+        result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+        result.pop("checkpoint")
+        results.append(result)
+    assert results[0] == results[1]
+    with pytest.raises(ValueError, match="tools/convert.py --to boson"):
+        read_hf_config(tmp_path / "hf")

@@ -58,8 +58,8 @@ class CheckpointKeyError(KeyError):
         return str(self.args[0])
 
 
-def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Read ``config.json``; raise if missing or neither a higgs_audio nor a higgs_audio_v2 config."""
+def read_config_json(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Read ``config.json`` of either layout; raise if missing or neither higgs_audio nor higgs_audio_v2."""
     path = Path(checkpoint_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {checkpoint_dir}")
@@ -72,19 +72,28 @@ def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Read Boson's ``config.json``; raise if missing or not a higgs_audio config (a transformers one
+    too: :func:`read_model_args` reads both layouts)."""
+    config = read_config_json(checkpoint_dir)
+    if config["model_type"] != "higgs_audio":
+        raise ValueError(
+            f"{Path(checkpoint_dir) / CONFIG_NAME}: model_type is {config['model_type']!r}, expected "
+            "'higgs_audio' (Boson's layout; tools/convert.py --to boson converts)"
+        )
+    return config
+
+
 def checkpoint_layout(checkpoint_dir: str | Path) -> str:
     """``"boson"`` or ``"transformers"``, from the directory's ``config.json``."""
-    return (
-        "transformers"
-        if transformers_layout.is_transformers_config(read_hf_config(checkpoint_dir))
-        else "boson"
-    )
+    config = read_config_json(checkpoint_dir)
+    return "transformers" if transformers_layout.is_transformers_config(config) else "boson"
 
 
 def read_model_args(checkpoint_dir: str | Path, **overrides: Any) -> HiggsAudioModelArgs:
     """The architecture of a checkpoint directory in either layout (a transformers one also needs its
     ``tokenizer.json``, which holds the ``<|AUDIO|>`` / ``<|audio_eos|>`` ids its config lacks)."""
-    config = read_hf_config(checkpoint_dir)
+    config = read_config_json(checkpoint_dir)
     if transformers_layout.is_transformers_config(config):
         tokenizer = HiggsTokenizer.for_checkpoint(checkpoint_dir)
         return transformers_layout.args_from_transformers_config(config, tokenizer, **overrides)
