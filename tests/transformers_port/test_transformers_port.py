@@ -28,6 +28,7 @@ from higgs_tune.data.chatml import tokenize_sample
 from higgs_tune.data.document import AudioLayout, build_document
 from higgs_tune.data.packer import collate_rows
 from higgs_tune.data.tokenizer import HiggsTokenizer
+from higgs_tune.generation import GenerationTokens, build_prompt, generate
 from higgs_tune.loss import AlignedLoss
 from higgs_tune.models.higgs_audio.checkpoint import load_hf_checkpoint
 
@@ -227,3 +228,27 @@ def test_training_loss_differences(port):
     text_labels = inputs["labels"][0]
     assert (text_labels == processor.audio_delay_token_id).sum() == 2 * (NUM_CODEBOOKS - 1)
     assert not (document.text_targets == processor.audio_delay_token_id).any()
+
+
+def test_transformers_generate_speaks_our_greedy_codes(port):
+    """transformers' own generate (greedy, its delay-pattern logits processor, the exported generation
+    config) on the export gives the columns of our greedy generation with Boson's protocol."""
+    ours, theirs, processor, _ = port
+    conversation = conversations()["tts"][:2]
+    inputs = processor.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
+    )
+    num_columns = 12
+    with torch.no_grad():
+        their_columns = theirs.generate(**inputs, max_new_tokens=num_columns, do_sample=False)[0]  # [N, K]
+    tokenizer = HiggsTokenizer.from_path(TINY_TOKENIZER)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "a b c"}]
+    prompt = build_prompt(messages, tokenizer, AudioLayout(), [], force_audio=True)
+    assert prompt.tokens.tolist() == inputs["input_ids"][0].tolist()
+    result = generate(
+        ours, prompt, GenerationTokens.from_tokenizer(tokenizer, ours.args), max_new_columns=num_columns
+    )
+    our_columns = result.audio_columns[0].T  # [N, K], first column all stream BOS
+    assert our_columns.shape[0] == num_columns
+    assert torch.equal(our_columns, their_columns[:num_columns])
+    assert (our_columns[-1] < 1024).all()  # past the delay ramp: real codes in every codebook
