@@ -1,7 +1,7 @@
 """Helpers of the transformers-port tests (second test virtualenv, transformers >= 5.3).
 
-A tiny higgs_tune model is exported in Boson's layout (the checkpoint Boson's ``from_pretrained`` loads,
-checked in tests/models), converted with ``tools/convert.py`` to transformers' layout, and loaded by
+A tiny random checkpoint made by Boson's own code (in the main test virtualenv) is converted both ways:
+loaded by higgs_tune, and converted with ``tools/convert.py`` to transformers' layout for
 ``HiggsAudioV2ForConditionalGeneration``. Samples are built by transformers' own ``HiggsAudioV2Processor``
 (its chat template, delay pattern, placeholder expansion and labels).
 
@@ -14,6 +14,7 @@ released tokenizer. The layout is what these tests compare; the codes' meaning i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,6 @@ import torch
 from transformers import DacConfig, DacModel, HiggsAudioV2ForConditionalGeneration, HiggsAudioV2Processor
 
 from higgs_tune.data.batch import IGNORE_INDEX, positions_to_index
-from higgs_tune.models.higgs_audio.builders import higgs_audio_tiny
-from higgs_tune.models.higgs_audio.checkpoint import save_hf_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_TOKENIZER = REPO / "higgs_tune" / "assets" / "tiny_tokenizer"
@@ -63,18 +62,41 @@ def convert(source: Path, target: Path, to: str, *extra: str) -> None:
         raise AssertionError(f"tools/convert.py failed:\n{result.stderr}")
 
 
-def boson_and_transformers_checkpoints(tmp_path: Path, dac_dir: Path, **model_overrides) -> tuple[Path, Path]:
-    """A tiny random model written in Boson's layout (with the tiny tokenizer), and its conversion to
-    transformers' layout by tools/convert.py (processor pointing at ``dac_dir``)."""
-    torch.manual_seed(0)
-    model = higgs_audio_tiny(**model_overrides)
-    with torch.no_grad():  # norm weights away from 1, so a norm applied at the wrong positions shows
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    boson_dir = save_hf_checkpoint(model.state_dict(), model.args, tmp_path / "boson")
+def boson_made_checkpoint(directory: Path) -> Path:
+    """A tiny random checkpoint written by Boson's own ``HiggsAudioModel.save_pretrained`` (2 DualFFN
+    layers, norm weights randomised: tests/models/higgs_model_testing.py), with the tiny tokenizer.
+
+    Boson's package needs transformers < 4.47, so it runs in the main test virtualenv, whose python
+    ``HIGGS_TUNE_BOSON_PYTHON`` names (README, "Run the tests"; .ci/run sets it).
+    """
+    boson_python = os.environ.get("HIGGS_TUNE_BOSON_PYTHON")
+    if not boson_python:
+        raise RuntimeError(
+            "set HIGGS_TUNE_BOSON_PYTHON to the python of the main test virtualenv (boson-multimodal "
+            "installed): these tests compare against a checkpoint Boson's own code writes"
+        )
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from higgs_model_testing import boson_config, boson_model; "
+        "boson_model(boson_config(num_layers=2)).save_pretrained(sys.argv[2])"
+    )
+    result = subprocess.run(
+        [boson_python, "-c", script, str(REPO / "tests" / "models"), str(directory)],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    if result.returncode:
+        raise RuntimeError(f"Boson's save_pretrained failed ({boson_python}):\n{result.stderr[-3000:]}")
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(TINY_TOKENIZER / name, boson_dir / name)
+        shutil.copyfile(TINY_TOKENIZER / name, directory / name)
+    return directory
+
+
+def boson_and_transformers_checkpoints(tmp_path: Path, dac_dir: Path) -> tuple[Path, Path]:
+    """A Boson-made tiny checkpoint, and its conversion to transformers' layout by tools/convert.py
+    (processor pointing at ``dac_dir``)."""
+    boson_dir = boson_made_checkpoint(tmp_path / "boson")
     transformers_dir = tmp_path / "transformers"
     convert(boson_dir, transformers_dir, "transformers", "--audio-tokenizer", str(dac_dir))
     return boson_dir, transformers_dir

@@ -1,7 +1,8 @@
 """higgs_tune against transformers' HiggsAudioV2 port (second test virtualenv, transformers >= 5.3).
 
-Same random weights on both sides (a Boson-layout checkpoint and its tools/convert.py conversion), samples
-built by transformers' own processor (port_testing.py says how, and why its audio tokenizer is a tiny DAC).
+Same random weights on both sides (a checkpoint Boson's own code saved, loaded by higgs_tune and converted
+by tools/convert.py for transformers), samples built by transformers' own processor (port_testing.py says
+how, and why its audio tokenizer is a tiny DAC).
 """
 
 from __future__ import annotations
