@@ -176,3 +176,37 @@ def test_evaluate_reads_the_transformers_layout_like_bosons(tmp_path):
     assert results[0] == results[1]
     with pytest.raises(ValueError, match="tools/convert.py --to boson"):
         read_hf_config(tmp_path / "hf")
+
+
+def test_a_transformers_made_config_survives_transformers_boson_transformers(tmp_path):
+    """A config as transformers' conversion writes it (its defaults: bos 1, eos <|eot_id|>, 2048 positions,
+    RoPE written as low 0.125 / high 0.5 / original 1024) comes back unchanged through Boson's layout."""
+    model = higgs_audio_tiny()
+    export = save_hf_checkpoint(
+        model.state_dict(), model.args, tmp_path / "hf", layout="transformers", tokenizer_dir=TINY_TOKENIZER
+    )
+    config = json.loads((export / "config.json").read_text())
+    config.update(
+        bos_token_id=1,
+        eos_token_id=777,  # the tiny tokenizer's <|eot_id|>
+        max_position_embeddings=2048,
+        rope_parameters={
+            "factor": 32.0,
+            "rope_theta": 500000.0,
+            "high_freq_factor": 0.5,
+            "low_freq_factor": 0.125,
+            "original_max_position_embeddings": 1024,
+            "rope_type": "llama3",
+        },
+    )
+    (export / "config.json").write_text(json.dumps(config))
+    for src, dst, to in (("hf", "boson", "boson"), ("boson", "hf_again", "transformers")):
+        result = convert(tmp_path / src, tmp_path / dst, to)
+        assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "hf_again" / "config.json").read_text()) == config
+    original, again = (
+        load_file(export / "model.safetensors"),
+        load_file(tmp_path / "hf_again" / "model.safetensors"),
+    )
+    assert sorted(original) == sorted(again)
+    assert all(torch.equal(original[key], again[key]) for key in original)
