@@ -37,6 +37,8 @@ from higgs_tune.models.higgs_audio.transformers_layout import DEFAULT_AUDIO_TOKE
 
 def convert(src: Path, dst: Path, to: str, tokenizer: Path | None, audio_tokenizer: str) -> Path:
     """Read ``src`` (either layout), write ``dst`` in layout ``to``; returns ``dst``."""
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"DST is SRC ({src}): write the conversion to another directory")
     tokenizer_dir = Path(HiggsTokenizer.for_checkpoint(src, tokenizer).source).parent
     args = read_model_args(src)
     state_dict = read_hf_state_dict(src)  # our names, stored dtype
