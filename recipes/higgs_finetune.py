@@ -51,7 +51,7 @@ from higgs_tune.generation import (
 from higgs_tune.loss import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
 from higgs_tune.models.audio_decoder import AudioCodecDecoder, write_wav
 from higgs_tune.models.higgs_audio.builders import build_model, from_checkpoint_dir
-from higgs_tune.models.higgs_audio.checkpoint import read_model_args, save_hf_checkpoint
+from higgs_tune.models.higgs_audio.checkpoint import read_hf_config, save_hf_checkpoint
 from higgs_tune.models.higgs_audio.lora import (
     apply_lora,
     lora_modules,
@@ -217,9 +217,9 @@ class HiggsFinetuneRecipe:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
             if checkpoint_dir is not None:
-                # Tokenizer vs checkpoint (special token ids, vocab size) before gigabytes of weights load;
-                # Boson's or transformers' layout, told apart by its config.json.
-                self.tokenizer.check_against_model_config(read_model_args(checkpoint_dir).to_hf_config())
+                # Tokenizer vs checkpoint (special token ids, vocab size) before gigabytes of weights load
+                # (Boson's or transformers' layout, told apart by its config.json).
+                self.tokenizer.check_against_model_config(read_hf_config(checkpoint_dir))
                 model = from_checkpoint_dir(checkpoint_dir, dtype=self.dtype, device=self.device)
             else:
                 with training.set_default_dtype(self.dtype):

@@ -3,7 +3,7 @@
     python tools/evaluate.py --checkpoint DIR --data MANIFEST [--tokenizer PATH] [--batch-size N]
         [--seq-len L] [--device cpu|cuda] [--dtype fp32|bf16]
 
-``DIR`` is an HF-layout checkpoint in Boson's or transformers' layout (``config.json`` + safetensors, e.g. a run's ``<output_dir>/hf``). The
+``DIR`` is an HF-layout checkpoint (``config.json`` + safetensors, e.g. a run's ``<output_dir>/hf``). The
 manifest is scanned and packed exactly as training packs it (``build_higgs_dataset``); every document is
 evaluated once (no shuffling, the last batch padded, a document longer than ``--seq-len`` is an error,
 not a silent drop). The numbers are the training definitions (spec §6.4) as token means over the WHOLE
@@ -32,7 +32,7 @@ from higgs_tune.data.tokenizer import HiggsTokenizer
 from higgs_tune.evaluation import evaluate
 from higgs_tune.loss import AlignedLoss
 from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
-from higgs_tune.models.higgs_audio.checkpoint import read_model_args
+from higgs_tune.models.higgs_audio.checkpoint import read_hf_config
 
 
 def default_device() -> str:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device or default_device())
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    hf_config = read_model_args(args.checkpoint).to_hf_config()  # either layout
+    hf_config = read_hf_config(args.checkpoint)
     try:
         tokenizer = HiggsTokenizer.for_checkpoint(args.checkpoint, args.tokenizer)
     except FileNotFoundError as error:

@@ -41,7 +41,7 @@ from higgs_tune.data.tokenizer import HiggsTokenizer
 from higgs_tune.generation import GenerationTokens, SamplingConfig, build_prompt, generate, held_out_prompt
 from higgs_tune.models.audio_decoder import AudioCodecDecoder, write_wav
 from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
-from higgs_tune.models.higgs_audio.checkpoint import read_model_args
+from higgs_tune.models.higgs_audio.checkpoint import read_hf_config
 
 DEFAULT_SYSTEM = "Generate audio following instruction."
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    hf_config = read_model_args(args.checkpoint).to_hf_config()  # either layout
+    hf_config = read_hf_config(args.checkpoint)
     try:
         tokenizer = HiggsTokenizer.for_checkpoint(args.checkpoint, args.tokenizer)
     except FileNotFoundError as error:

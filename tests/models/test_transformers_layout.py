@@ -174,8 +174,9 @@ def test_evaluate_reads_the_transformers_layout_like_bosons(tmp_path):
         result.pop("checkpoint")
         results.append(result)
     assert results[0] == results[1]
-    with pytest.raises(ValueError, match="tools/convert.py --to boson"):
-        read_hf_config(tmp_path / "hf")
+    mapped = read_hf_config(tmp_path / "hf")  # Boson's config.json content, mapped from transformers'
+    assert mapped["model_type"] == "higgs_audio" and mapped["audio_codebook_size"] == 1024
+    assert mapped["audio_in_token_idx"] == read_hf_config(boson)["audio_in_token_idx"]
 
 
 def test_a_transformers_made_config_survives_transformers_boson_transformers(tmp_path):

@@ -73,14 +73,11 @@ def read_config_json(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 
 def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Read Boson's ``config.json``; raise if missing or not a higgs_audio config (a transformers one
-    too: :func:`read_model_args` reads both layouts)."""
+    """Boson's ``config.json`` content for a checkpoint directory in either layout: as stored (Boson's),
+    or mapped from transformers' config through :func:`read_model_args` (transformers')."""
     config = read_config_json(checkpoint_dir)
-    if config["model_type"] != "higgs_audio":
-        raise ValueError(
-            f"{Path(checkpoint_dir) / CONFIG_NAME}: model_type is {config['model_type']!r}, expected "
-            "'higgs_audio' (Boson's layout; tools/convert.py --to boson converts)"
-        )
+    if transformers_layout.is_transformers_config(config):
+        return read_model_args(checkpoint_dir).to_hf_config()
     return config
 
 
