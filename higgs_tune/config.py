@@ -223,6 +223,7 @@ def _check_contract(resolved: dict[str, Any]) -> list[str]:
         )
     errors += _check_generation(resolved.get("generation") or {})
     errors += _check_quantize_base(resolved.get("finetune") or {})
+    errors += _check_export(resolved.get("export") or {})
     fsdp = resolved.get("fsdp")
     if fsdp is not None:  # the optional FSDP2 options (torchrun runs): the fields of FSDPOptions
         from higgs_tune.training.parallelize import FSDPOptions
@@ -239,6 +240,24 @@ def _check_contract(resolved: dict[str, Any]) -> list[str]:
                 errors.append(_first_line(exc))
             if fsdp.get("cpu_offload") and resolved.get("device") != "cuda":
                 errors.append("fsdp.cpu_offload=true needs device=cuda (it offloads from GPU memory)")
+    return errors
+
+
+EXPORT_FORMATS = ("boson", "transformers")
+
+
+def _check_export(export: dict[str, Any]) -> list[str]:
+    """The optional ``export`` node: ``formats`` (a list of EXPORT_FORMATS, ``boson`` always written),
+    ``audio_tokenizer`` (the transformers processor's audio tokenizer, a path or hub id)."""
+    errors = []
+    unknown = sorted(set(export) - {"formats", "audio_tokenizer"})
+    if unknown:
+        errors.append(f"export: unknown keys {unknown} (known: formats, audio_tokenizer)")
+    formats = export.get("formats", ["boson"])
+    if not isinstance(formats, list) or not set(formats) <= set(EXPORT_FORMATS) or "boson" not in formats:
+        errors.append(f"export.formats must be a list of {EXPORT_FORMATS} including 'boson', got {formats!r}")
+    if not isinstance(export.get("audio_tokenizer", ""), str):
+        errors.append(f"export.audio_tokenizer: expected a path or hub id, got {export['audio_tokenizer']!r}")
     return errors
 
 
