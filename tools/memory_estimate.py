@@ -99,10 +99,12 @@ def read_plan(cfg) -> Plan:
         dtype_bytes=DTYPE_BYTES[cfg.dtype],
         seq_len=cfg.seq_len,
         batch_size=cfg.batch_size,
-        text_ffn_capacity=dataset.get("text_ffn_capacity") or cfg.seq_len,
-        audio_ffn_capacity=dataset.get("audio_ffn_capacity") or cfg.seq_len,
-        text_target_capacity=dataset.get("text_target_capacity") or cfg.seq_len,
-        audio_target_capacity=dataset.get("audio_target_capacity") or cfg.seq_len,
+        # null and "auto" (planned from the data at set-up, at most seq_len) are estimated at seq_len
+        **{
+            f"{name}_capacity": value if isinstance(value, int) else cfg.seq_len
+            for name in ("text_ffn", "audio_ffn", "text_target", "audio_target")
+            for value in [dataset.get(f"{name}_capacity")]
+        },
         text_chunk_size=loss.get("text_chunk_size", 256),
         checkpoint_text_chunks=loss.get("checkpoint_text_chunks", True),
         activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
