@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+from higgs_tune import generation
 from higgs_tune.data.chatml import parse_sample
 from higgs_tune.data.document import segment_input_codes
 from higgs_tune.generation import (
@@ -39,6 +40,7 @@ from higgs_tune.generation import (
 )
 from higgs_tune.models.higgs_audio.builders import higgs_audio_tiny
 from higgs_tune.models.higgs_audio.checkpoint import save_model
+from higgs_tune.models.kv_cache import KVCache
 
 pytest.importorskip("transformers")
 pytest.importorskip("boson_multimodal")
@@ -136,14 +138,17 @@ def voice_clone_prompt() -> tuple[list[dict], list[np.ndarray]]:
 PROMPTS = {"text": text_prompt, "voice_clone": voice_clone_prompt}
 
 
-def record_head_outputs(model) -> tuple[list[torch.Tensor], list]:
-    """Record every output of our two heads (in call order) through forward hooks."""
+def record_step_logits(monkeypatch) -> list[torch.Tensor]:
+    """Record the logits every generation step chooses from (text [V] or audio [K * C]), in step order."""
     recorded: list[torch.Tensor] = []
-    heads = (model.audio_decoder_proj.text_lm_head, model.audio_decoder_proj.audio_lm_head)
-    hooks = [
-        head.register_forward_hook(lambda _m, _i, out: recorded.append(out[-1].flatten())) for head in heads
-    ]
-    return recorded, hooks
+    accept = generation._PromptDecoder.accept
+
+    def recording_accept(self, text_logits, audio_logits):
+        recorded.append((audio_logits if self.head == "audio" else text_logits).flatten().cpu())
+        accept(self, text_logits, audio_logits)
+
+    monkeypatch.setattr(generation._PromptDecoder, "accept", recording_accept)
+    return recorded
 
 
 def unmerge(tokens: torch.Tensor, audio: torch.Tensor) -> list[int]:
@@ -171,15 +176,14 @@ def test_prompt_layout_is_the_serve_engine_prompt(name):
         )
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "full_prefix"])
 @pytest.mark.parametrize("name", sorted(PROMPTS))
-def test_greedy_generation_equals_boson(models, name):
+def test_greedy_generation_equals_boson(models, name, use_cache, monkeypatch):
     ours, boson = models
     messages, codes = PROMPTS[name]()
     prompt = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True)
-    recorded, hooks = record_head_outputs(ours)
-    result = generate(ours, prompt, TOKENS, max_new_columns=MAX_NEW_COLUMNS)
-    for hook in hooks:
-        hook.remove()
+    recorded = record_step_logits(monkeypatch)
+    result = generate(ours, prompt, TOKENS, max_new_columns=MAX_NEW_COLUMNS, use_cache=use_cache)
     inputs = boson_prompt_inputs(messages, codes, force_audio=True)
 
     # The planted end of speech: one complete segment of 2K + 1 columns, K - 1 codes per codebook.
@@ -313,10 +317,12 @@ def test_segment_codes_round_trip_the_training_layout():
 
 # ------------------------------------------------------------------- a model whose logits we control
 class ScriptedModel(nn.Module):
-    """Stands in for HiggsAudioModel: the step's logits come from a script keyed by the sequence length.
+    """Stands in for HiggsAudioModel: the logits at a position come from a script keyed by the length of
+    the prefix ending there (its position id + 1), with and without KV cache.
 
-    ``text_script[L]`` / ``audio_script[L]`` give the argmax text token / audio column [K] when the input
-    has L positions; every batch it sees is recorded.
+    ``text_script[L]`` / ``audio_script[L]`` give the argmax text token / audio column [K] at the last
+    position of an L-position prefix (unscripted lengths, e.g. idle rows: all-zero logits); every batch it
+    sees is recorded.
     """
 
     def __init__(self, text_script: dict[int, int], audio_script: dict[int, list[int]]):
@@ -325,25 +331,43 @@ class ScriptedModel(nn.Module):
         self.text_script, self.audio_script = text_script, audio_script
         self.batches: list[dict] = []
 
-    def hidden_states(self, batch):
+    def new_kv_cache(self, batch_size, max_positions):
+        return KVCache(0, 1, 1, batch_size, max_positions, "cpu", torch.float32)
+
+    def hidden_states(self, batch, kv_cache=None):
         self.batches.append({k: v.clone() for k, v in batch.items()})
-        length = batch["tokens"].shape[1]
-        return torch.full((1, length, 1), float(length))
+        return (batch["input_pos"] + 1).float()[..., None]  # [B, L, 1]
+
+    def _scripted(self, hidden, script, shape):
+        lengths = hidden[..., 0].long()
+        logits = torch.zeros(*lengths.shape, *shape)
+        for index in np.ndindex(*lengths.shape):
+            if int(lengths[index]) in script:
+                chosen = torch.tensor(script[int(lengths[index])])
+                logits[index].view(-1, shape[-1])[torch.arange(chosen.numel()), chosen.flatten()] = 1.0
+        return logits
 
     def text_head(self, hidden):
-        length = int(hidden[0, 0])
-        logits = torch.zeros(1, TOKENIZER.vocab_size)
-        logits[0, self.text_script[length]] = 1.0
-        return logits
+        return self._scripted(hidden, self.text_script, (TOKENIZER.vocab_size,))
 
     def audio_head(self, hidden):
-        length = int(hidden[0, 0])
-        logits = torch.zeros(1, K, LAYOUT.codebook_size + 2)
-        logits[0, torch.arange(K), torch.tensor(self.audio_script[length])] = 1.0
-        return logits
+        return self._scripted(hidden, self.audio_script, (K, LAYOUT.codebook_size + 2))
 
 
-def test_delay_eos_and_audio_eos_forcing_on_a_scripted_model():
+def fed_positions(model: ScriptedModel, use_cache: bool) -> list[dict]:
+    """What the model saw: without cache the whole prefix at every step; with it, one prefill and then
+    one position per decode step (checked: slots follow the positions)."""
+    if not use_cache:
+        return model.batches
+    prefill, *steps = model.batches
+    assert torch.equal(prefill["input_pos"][0], torch.arange(prefill["tokens"].shape[1]))
+    for offset, step in enumerate(steps):
+        assert step["tokens"].shape == (1, 1) and int(step["input_pos"]) == prefill["tokens"].shape[1] + offset
+    return [prefill] + steps
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "full_prefix"])
+def test_delay_eos_and_audio_eos_forcing_on_a_scripted_model(use_cache):
     messages, _ = text_prompt()
     prompt = build_prompt(messages, TOKENIZER, LAYOUT)
     start = len(prompt)
@@ -361,7 +385,7 @@ def test_delay_eos_and_audio_eos_forcing_on_a_scripted_model():
     # sampled columns 1..6, then K-1-2 = 5 closing columns -> 12 columns; <|audio_eos|> forced with the last
     segment_length = 1 + 6 + (K - 1 - 2)
     text_script[start + 1 + segment_length + 1] = eot
-    result = generate(model, prompt, TOKENS, max_new_columns=50)
+    result = generate(model, prompt, TOKENS, max_new_columns=50, use_cache=use_cache)
 
     columns = result.audio_columns[0]
     expected = torch.full((K, segment_length), BOS, dtype=torch.long)
@@ -382,28 +406,34 @@ def test_delay_eos_and_audio_eos_forcing_on_a_scripted_model():
     assert result.num_steps == 1 + segment_length + 1
     # codes for the decoder: delay reverted, BOS and EOS columns dropped
     assert torch.equal(result.audio_codes[0], segment_codes(columns, LAYOUT.codebook_size))
-    # the model saw one call per sampled column and per text step, each with the full prefix
-    seen = model.batches[-1]
-    assert seen["tokens"].shape == (1, start + 1 + segment_length + 1)
-    assert seen["audio_out_mask"][0].sum() == segment_length
-    assert seen["tokens"][0, -1] == TOKENS.audio_eos
-    assert torch.equal(seen["audio_codes"][0][:, start + 1 : start + 1 + segment_length], columns)
-    assert len(model.batches) == 1 + (segment_length - 1) + 1
+    # the model saw the whole sequence but its final <|eot_id|>: the segment's last column, then <|audio_eos|>
+    seen = fed_positions(model, use_cache)
+    tokens = seen[-1]["tokens"][0] if not use_cache else torch.cat([b["tokens"][0] for b in seen])
+    audio_out = torch.cat([b["audio_out_mask"][0] for b in seen]) if use_cache else seen[-1]["audio_out_mask"][0]
+    codes_seen = torch.cat([b["audio_codes"][0] for b in seen], 1) if use_cache else seen[-1]["audio_codes"][0]
+    assert tokens.shape == (start + 1 + segment_length + 1,)
+    assert audio_out.sum() == segment_length
+    assert tokens[-1] == TOKENS.audio_eos
+    assert torch.equal(codes_seen[:, start + 1 : start + 1 + segment_length], columns)
+    # without cache: one call per model step (text steps and sampled columns), each with the full prefix;
+    # with it: one prefill, then one decode call per position
+    assert len(model.batches) == (1 + (segment_length - 1) + 1 if not use_cache else 1 + 1 + segment_length + 1)
 
 
-def test_generation_stops_at_max_new_columns_and_rejects_bare_placeholders():
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "full_prefix"])
+def test_generation_stops_at_max_new_columns_and_rejects_bare_placeholders(use_cache):
     messages, _ = text_prompt()
     prompt = build_prompt(messages, TOKENIZER, LAYOUT, force_audio=True)
     start = len(prompt)
     model = ScriptedModel({}, {start + 1 + c: [7] * K for c in range(10)})
-    result = generate(model, prompt, TOKENS, max_new_columns=5)
+    result = generate(model, prompt, TOKENS, max_new_columns=5, use_cache=use_cache)
     assert result.stopped_by == "max_new_columns" and result.num_steps == 5
     assert result.audio_columns[0].shape == (K, 5)
     assert result.text_ids.tolist() == [TOKENS.audio_out]
 
     bad = ScriptedModel({len(build_prompt(messages, TOKENIZER, LAYOUT)): TOKENS.audio_out}, {})
     with pytest.raises(GenerationError, match="placeholder"):
-        generate(bad, build_prompt(messages, TOKENIZER, LAYOUT), TOKENS, max_new_columns=3)
+        generate(bad, build_prompt(messages, TOKENIZER, LAYOUT), TOKENS, max_new_columns=3, use_cache=use_cache)
 
 
 def test_prompt_ending_with_an_assistant_turn_keeps_its_eot():
