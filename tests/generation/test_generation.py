@@ -57,6 +57,7 @@ from boson_generation import (  # noqa: E402
 )
 from boson_multimodal.model.higgs_audio import HiggsAudioModel as BosonModel  # noqa: E402
 from boson_multimodal.model.higgs_audio import utils as boson_utils  # noqa: E402
+from planted_models import plant_end_of_speech, random_codes, silence_placeholders  # noqa: E402
 from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
 from transformers.generation.logits_process import (  # noqa: E402
     TemperatureLogitsWarper,
@@ -65,39 +66,6 @@ from transformers.generation.logits_process import (  # noqa: E402
 )
 
 MAX_NEW_COLUMNS = 30
-
-
-def random_codes(seed: int, frames: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, LAYOUT.codebook_size, size=(K, frames))
-
-
-def plant_end_of_speech(model: nn.Module, strength: float = 0.3) -> None:
-    """Make codebook 0 emit EOS right after the delay pattern has filled (a deterministic end of speech).
-
-    Hidden dimension 0 of the LAST codebook's embedding is +strength for every id but the stream BOS,
-    -strength for BOS; codebook 0's EOS row of the audio head reads dimension 0 only. So the EOS logit is
-    large and positive exactly at audio columns whose last codebook is no longer the delay filler. Column
-    c is chosen from column c-1, whose last row is BOS up to column K-1 (delay), so columns 0..K do not
-    end the segment, column K+1 does (codebook 0 emits EOS) and K-1 closing columns follow: 2K+1 columns.
-    """
-    stride = model.args.codebook_vocab_size
-    with torch.no_grad():
-        table = model.audio_codebook_embeddings.weight
-        last = slice((K - 1) * stride, K * stride)
-        table[last, 0] = strength
-        table[(K - 1) * stride + BOS, 0] = -strength
-        head = model.audio_decoder_proj.audio_lm_head.weight
-        head[EOS].zero_()
-        head[EOS, 0] = 1.0
-
-
-def silence_placeholders(model: nn.Module) -> None:
-    """Zero the text-head rows of ``<|AUDIO|>`` / ``<|AUDIO_OUT|>``: logit 0 is below the maximum (and
-    outside the top 50) of the ~1000 random logits, so the random model, like a trained one, never emits a
-    bare placeholder (which Boson's protocol cannot continue from)."""
-    with torch.no_grad():
-        for token in (TOKENS.audio_in, TOKENS.audio_out):
-            model.audio_decoder_proj.text_lm_head.weight[token].zero_()
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +330,9 @@ def fed_positions(model: ScriptedModel, use_cache: bool) -> list[dict]:
     prefill, *steps = model.batches
     assert torch.equal(prefill["input_pos"][0], torch.arange(prefill["tokens"].shape[1]))
     for offset, step in enumerate(steps):
-        assert step["tokens"].shape == (1, 1) and int(step["input_pos"]) == prefill["tokens"].shape[1] + offset
+        assert (
+            step["tokens"].shape == (1, 1) and int(step["input_pos"]) == prefill["tokens"].shape[1] + offset
+        )
     return [prefill] + steps
 
 
@@ -409,15 +379,21 @@ def test_delay_eos_and_audio_eos_forcing_on_a_scripted_model(use_cache):
     # the model saw the whole sequence but its final <|eot_id|>: the segment's last column, then <|audio_eos|>
     seen = fed_positions(model, use_cache)
     tokens = seen[-1]["tokens"][0] if not use_cache else torch.cat([b["tokens"][0] for b in seen])
-    audio_out = torch.cat([b["audio_out_mask"][0] for b in seen]) if use_cache else seen[-1]["audio_out_mask"][0]
-    codes_seen = torch.cat([b["audio_codes"][0] for b in seen], 1) if use_cache else seen[-1]["audio_codes"][0]
+    audio_out = (
+        torch.cat([b["audio_out_mask"][0] for b in seen]) if use_cache else seen[-1]["audio_out_mask"][0]
+    )
+    codes_seen = (
+        torch.cat([b["audio_codes"][0] for b in seen], 1) if use_cache else seen[-1]["audio_codes"][0]
+    )
     assert tokens.shape == (start + 1 + segment_length + 1,)
     assert audio_out.sum() == segment_length
     assert tokens[-1] == TOKENS.audio_eos
     assert torch.equal(codes_seen[:, start + 1 : start + 1 + segment_length], columns)
     # without cache: one call per model step (text steps and sampled columns), each with the full prefix;
     # with it: one prefill, then one decode call per position
-    assert len(model.batches) == (1 + (segment_length - 1) + 1 if not use_cache else 1 + 1 + segment_length + 1)
+    assert len(model.batches) == (
+        1 + (segment_length - 1) + 1 if not use_cache else 1 + 1 + segment_length + 1
+    )
 
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "full_prefix"])
@@ -433,7 +409,9 @@ def test_generation_stops_at_max_new_columns_and_rejects_bare_placeholders(use_c
 
     bad = ScriptedModel({len(build_prompt(messages, TOKENIZER, LAYOUT)): TOKENS.audio_out}, {})
     with pytest.raises(GenerationError, match="placeholder"):
-        generate(bad, build_prompt(messages, TOKENIZER, LAYOUT), TOKENS, max_new_columns=3, use_cache=use_cache)
+        generate(
+            bad, build_prompt(messages, TOKENIZER, LAYOUT), TOKENS, max_new_columns=3, use_cache=use_cache
+        )
 
 
 def test_prompt_ending_with_an_assistant_turn_keeps_its_eot():
