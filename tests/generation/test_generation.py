@@ -57,7 +57,12 @@ from boson_generation import (  # noqa: E402
 )
 from boson_multimodal.model.higgs_audio import HiggsAudioModel as BosonModel  # noqa: E402
 from boson_multimodal.model.higgs_audio import utils as boson_utils  # noqa: E402
-from planted_models import plant_end_of_speech, random_codes, silence_placeholders  # noqa: E402
+from planted_models import (  # noqa: E402
+    plant_end_of_speech,
+    plant_repetition,
+    random_codes,
+    silence_placeholders,
+)
 from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
 from transformers.generation.logits_process import (  # noqa: E402
     TemperatureLogitsWarper,
@@ -219,6 +224,61 @@ def test_sampled_generation_equals_boson_with_the_same_generator(models):
         generator=torch.Generator().manual_seed(8),
     )
     assert [c.tolist() for c in other.audio_columns] != [c.tolist() for c in result.audio_columns]
+
+
+@pytest.fixture(scope="module")
+def repeating_models(tmp_path_factory):
+    """Ours and Boson's copy of a tiny model whose every codebook favours code 5 (it repeats)."""
+    torch.manual_seed(1234)
+    ours = higgs_audio_tiny(dtype=torch.float32).eval()
+    silence_placeholders(ours)
+    plant_repetition(ours, code=5)
+    export = save_model(ours, tmp_path_factory.mktemp("ras") / "hf")
+    return ours, BosonModel.from_pretrained(str(export), attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_repetition_aware_sampling_equals_boson(repeating_models, greedy):
+    ours, boson = repeating_models
+    messages, codes = voice_clone_prompt()
+    prompt = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True)
+    warpers = {} if greedy else {"temperature": 0.8, "top_k": 50}
+    sampling = SamplingConfig(greedy=greedy, ras_win_len=7, **warpers)
+    result = generate(
+        ours,
+        prompt,
+        TOKENS,
+        max_new_columns=30,
+        sampling=sampling,
+        generator=torch.Generator().manual_seed(3),
+    )
+    columns = result.audio_columns[0]
+    # built to repeat: greedy without RAS gives 5 for every code after the delay; RAS redraws some of them
+    plain = generate(ours, prompt, TOKENS, max_new_columns=30)
+    started = plain.audio_columns[0][:, 1:][plain.audio_columns[0][:, 1:] != BOS]
+    assert set(started.tolist()) == {5}
+    redrawn = int(((columns != 5) & (columns != BOS)).sum())
+    assert redrawn >= 10, columns
+
+    # 1. Boson's own generate (KV cache) with ras_win_len=7 and the same seed: the same columns
+    speech = boson_generate_speech(
+        boson, messages, codes, 30, do_sample=not greedy, ras_win_len=7, seed=3, top_p=1.0, **warpers
+    )
+    assert torch.equal(speech.columns, columns)
+    assert speech.text_ids == result.text_ids.tolist()
+    # 2. Boson's step-by-step protocol on the full prefix with its RAS: the same everything
+    processors = LogitsProcessorList([] if greedy else [TemperatureLogitsWarper(0.8), TopKLogitsWarper(50)])
+    text, segments, _ = boson_full_prefix_generate(
+        boson,
+        boson_prompt_inputs(messages, codes, force_audio=True),
+        30,
+        do_sample=not greedy,
+        processors=processors,
+        generator=torch.Generator().manual_seed(3),
+        ras_win_len=7,
+    )
+    assert text == result.text_ids.tolist()
+    assert [s.tolist() for s in segments] == [c.tolist() for c in result.audio_columns]
 
 
 def test_warpers_equal_transformers():
