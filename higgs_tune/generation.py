@@ -610,7 +610,8 @@ def generate_batch(
         return [prompt_decoder.output() for prompt_decoder in decoders]
     needed = cache_positions_needed(prompts, max_new_columns)
     if decoder is None:
-        decoder = CachedDecoder(model, batch_size=batch_size or len(prompts), max_positions=needed)
+        rows = min(batch_size or len(prompts), len(prompts))
+        decoder = CachedDecoder(model, batch_size=rows, max_positions=needed)
     elif decoder.max_positions < needed:
         raise ValueError(
             f"the decoder's cache holds {decoder.max_positions} positions, {needed} may be needed"

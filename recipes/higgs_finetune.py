@@ -46,7 +46,7 @@ from higgs_tune.generation import (
     SamplingConfig,
     build_prompt,
     code_accuracy,
-    generate,
+    generate_batch,
     held_out_speech_prompts,
 )
 from higgs_tune.loss import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
@@ -416,8 +416,9 @@ class HiggsFinetuneRecipe:
         )
 
     def generate_held_out(self, full_state: dict[str, torch.Tensor] | None) -> None:
-        """Speak the first ``generation.num_prompts`` held-out prompts (rank 0; greedy, or sampled with
-        ``generation.sampling`` from its own generator, so the training RNG is untouched) and report how
+        """Speak the first ``generation.num_prompts`` held-out prompts (rank 0; KV-cached, in batches of
+        ``generation.batch_size``, default 8; greedy, or sampled with ``generation.sampling`` from one
+        generator per prompt, so the training RNG is untouched) and report how
         many of the reference answer's codes the model reproduces; codes (and waveforms) go to
         ``<output_dir>/generations/step_<N>/``. ``full_state``: see :meth:`full_state_dict`."""
         gen_cfg = self.cfg.get("generation")
@@ -431,30 +432,32 @@ class HiggsFinetuneRecipe:
         out_dir = self.output_dir / "generations" / f"step_{self.step:08d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         sampling = SamplingConfig(**(gen_cfg.get("sampling") or {}))  # default: greedy
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator(self.device).manual_seed(gen_cfg.get("seed", self.cfg.seed))
-        accuracies = []
+        held_out_prompts = held_out_speech_prompts(gen_cfg.manifest, gen_cfg.num_prompts)
+        prompts = [
+            build_prompt(h.messages, self.tokenizer, layout, h.context_codes, force_audio=True)
+            for h in held_out_prompts
+        ]
+        seed = gen_cfg.get("seed", self.cfg.seed)  # prompt i draws from its own generator seeded seed + i
+        generators = [torch.Generator(self.device).manual_seed(seed + i) for i in range(len(prompts))]
         was_training = model.training
         model.eval()
-        for index, held_out in enumerate(held_out_speech_prompts(gen_cfg.manifest, gen_cfg.num_prompts)):
-            prompt = build_prompt(
-                held_out.messages, self.tokenizer, layout, held_out.context_codes, force_audio=True
-            )
-            result = generate(
-                model,
-                prompt,
-                tokens,
-                max_new_columns=gen_cfg.max_new_columns,
-                sampling=sampling,
-                generator=generator,
-            )
+        results = generate_batch(
+            model,
+            prompts,
+            tokens,
+            max_new_columns=gen_cfg.max_new_columns,
+            sampling=sampling,
+            generators=generators,
+            batch_size=gen_cfg.get("batch_size", 8),
+        )
+        model.train(was_training)
+        accuracies = []
+        for index, (held_out, result) in enumerate(zip(held_out_prompts, results)):
             generated = result.audio_codes[0] if result.audio_codes else torch.zeros(layout.num_codebooks, 0)
             np.save(out_dir / f"sample_{index:03d}.npy", generated.numpy().astype(np.int16))
             accuracies.append(code_accuracy(generated, held_out.reference_codes[0]))
             if self.audio_decoder is not None:
                 self._log_speech(index, generated, held_out.reference_codes[0], out_dir)
-        model.train(was_training)
         mean = sum(accuracies) / len(accuracies)
         self.metric_logger.log_dict(
             {"generation_code_accuracy": mean, "generation_code_accuracy_per_prompt": accuracies},

@@ -214,6 +214,12 @@ def test_sampled_generation_equals_boson_with_the_same_generator(models):
     )
     assert text == result.text_ids.tolist()
     assert [s.tolist() for s in segments] == [c.tolist() for c in result.audio_columns]
+    # Boson's own generate (KV cache) seeded alike: the same first segment and text through <|audio_eos|>
+    speech = boson_generate_speech(
+        boson, messages, codes, 30, do_sample=True, seed=7, temperature=0.8, top_k=50, top_p=0.9
+    )
+    assert torch.equal(speech.columns, result.audio_columns[0])
+    assert speech.text_ids[:2] == result.text_ids[:2].tolist() == [TOKENS.audio_out, TOKENS.audio_eos]
     # sampling really sampled: another seed gives other codes
     other = generate(
         ours,
