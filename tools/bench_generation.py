@@ -24,7 +24,8 @@ Reported per side and batch size: columns/s (all rows: B x steps / wall time), c
 the real-time factor at 25 frames/s (wall time / audio time of one prompt; < 1 is faster than real time)
 and the speed-up over the reference. Every side must produce the reference's codes (fp32) -- the check
 that all sides do the same work. On CPU the sides run one after the other in one process: on a shared
-machine, compare the ratios of one run.
+machine, compare the ratios of one run (``--threads 1`` spares the decode step's many small ops the
+waits for a second, busy core).
 """
 
 from __future__ import annotations
@@ -132,7 +133,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the cached sides (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     cli = parser.parse_args(argv)
+    if cli.threads is not None:
+        torch.set_num_threads(cli.threads)
     device = torch.device(cli.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cli.dtype]
     model = bench_model(cli.config, device, dtype)
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "config": cli.config,
                 "device": str(device),
                 "dtype": cli.dtype,
+                "threads": torch.get_num_threads(),
                 "side": side,
                 "batch_size": batch_size,
                 "prompt_positions": len(prompts[0]),

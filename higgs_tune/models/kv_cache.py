@@ -14,9 +14,8 @@ A forward with the cache (``HiggsAudioModel.hidden_states(batch, kv_cache=cache)
 
 The masks: a query at position p reads slots 0..p of its own row (slots above p are stale or unwritten);
 the fast-forward mask (Boson's fast-forward layers) additionally drops audio slots for text queries and
-lets an audio query see only its own slot (its output is discarded by the layer). They are additive
-float masks (0 = may attend, -inf = may not; every query keeps its own slot): SDPA on CPU is two to
-three orders of magnitude slower for a one-position query with a boolean mask.
+lets an audio query see only its own slot (its output is discarded by the layer). Boolean, True = may
+attend, as the training masks; every query keeps its own slot, so no row is empty.
 
 Nothing here depends on the layer type (DualFFN or not): any model whose attention calls
 :meth:`LayerKVCache.update` with [B, nkv, L, D] keys and values can use it.
@@ -74,7 +73,7 @@ class KVCache:
     ) -> None:
         if batch_size < 1 or max_positions < 1:
             raise ValueError(f"batch_size and max_positions must be >= 1, got {batch_size}, {max_positions}")
-        self.batch_size, self.max_positions, self.dtype = batch_size, max_positions, dtype
+        self.batch_size, self.max_positions = batch_size, max_positions
         shape = (batch_size, max_positions + 1, num_kv_heads, head_dim)
         # zeros, not empty: the sink slot and stale slots are read (masked) and must stay finite
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
@@ -102,8 +101,7 @@ class KVCache:
             with_fast_forward: also build the fast-forward mask.
 
         Returns:
-            mask [B, 1, L, T] and fast-forward mask [B, 1, L, T] or None, additive (0 or -inf) in the
-            cache dtype.
+            mask [B, 1, L, T] and fast-forward mask [B, 1, L, T] or None (bool, True = may attend).
         """
         rows = torch.arange(self.batch_size, device=input_pos.device)[:, None]  # [B, 1]
         self.audio_slots[rows, input_pos] = audio_mask
@@ -113,13 +111,8 @@ class KVCache:
             text_query = ~audio_mask[..., None]  # [B, L, 1]
             text_key = ~self.audio_slots[:, None, :]  # [B, 1, T]
             own_slot = self.slots == input_pos[..., None]
-            fast_forward = self._additive(allowed & ((text_query & text_key) | own_slot))
-        return self._additive(allowed), fast_forward
-
-    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        """[B, L, T] bool -> [B, 1, L, T] additive mask (0 / -inf) in the cache dtype."""
-        zeros = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
-        return zeros.masked_fill(~allowed, float("-inf"))[:, None]
+            fast_forward = (allowed & ((text_query & text_key) | own_slot))[:, None]
+        return allowed[:, None], fast_forward
 
     def layer(self, index: int, input_pos: torch.Tensor) -> LayerKVCache:
         """Layer ``index``'s cache bound to the slots ``input_pos`` [B, L] of the current forward."""

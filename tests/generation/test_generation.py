@@ -57,11 +57,14 @@ from boson_generation import (  # noqa: E402
 )
 from boson_multimodal.model.higgs_audio import HiggsAudioModel as BosonModel  # noqa: E402
 from boson_multimodal.model.higgs_audio import utils as boson_utils  # noqa: E402
-from planted_models import (  # noqa: E402
+from generation_testing import (  # noqa: E402
+    generate_seeded,
     plant_end_of_speech,
     plant_repetition,
     random_codes,
     silence_placeholders,
+    text_prompt,
+    voice_clone_prompt,
 )
 from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
 from transformers.generation.logits_process import (  # noqa: E402
@@ -82,30 +85,6 @@ def models(tmp_path_factory):
     export = save_model(ours, tmp_path_factory.mktemp("gen") / "hf")
     boson = BosonModel.from_pretrained(str(export), attn_implementation="eager").eval()
     return ours, boson
-
-
-def text_prompt() -> tuple[list[dict], list[np.ndarray]]:
-    return [
-        {"role": "system", "content": "Generate audio following instruction."},
-        {"role": "user", "content": "the small cat sees a big dog"},
-    ], []
-
-
-def voice_clone_prompt() -> tuple[list[dict], list[np.ndarray]]:
-    """Audio-in reference in the system turn, an assistant (audio-out) reference exchange, a new user text."""
-    messages = [
-        {
-            "role": "system",
-            "content": [
-                {"type": "text", "text": "Generate audio following instruction.\n\nSPEAKER0: "},
-                {"type": "audio", "audio_codes": "ref_in.npy"},
-            ],
-        },
-        {"role": "user", "content": "one red bird"},
-        {"role": "assistant", "content": {"type": "audio", "audio_codes": "ref_out.npy"}},
-        {"role": "user", "content": "the moon sings"},
-    ]
-    return messages, [random_codes(1, 5), random_codes(2, 4)]
 
 
 PROMPTS = {"text": text_prompt, "voice_clone": voice_clone_prompt}
@@ -193,14 +172,7 @@ def test_sampled_generation_equals_boson_with_the_same_generator(models):
     messages, codes = voice_clone_prompt()
     sampling = SamplingConfig(greedy=False, temperature=0.8, top_k=50, top_p=0.9)
     prompt = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True)
-    result = generate(
-        ours,
-        prompt,
-        TOKENS,
-        max_new_columns=30,
-        sampling=sampling,
-        generator=torch.Generator().manual_seed(7),
-    )
+    result = generate_seeded(ours, prompt, sampling, 7)
     processors = LogitsProcessorList(
         [TemperatureLogitsWarper(0.8), TopKLogitsWarper(50), TopPLogitsWarper(0.9)]
     )
@@ -221,14 +193,7 @@ def test_sampled_generation_equals_boson_with_the_same_generator(models):
     assert torch.equal(speech.columns, result.audio_columns[0])
     assert speech.text_ids[:2] == result.text_ids[:2].tolist() == [TOKENS.audio_out, TOKENS.audio_eos]
     # sampling really sampled: another seed gives other codes
-    other = generate(
-        ours,
-        prompt,
-        TOKENS,
-        max_new_columns=30,
-        sampling=sampling,
-        generator=torch.Generator().manual_seed(8),
-    )
+    other = generate_seeded(ours, prompt, sampling, 8)
     assert [c.tolist() for c in other.audio_columns] != [c.tolist() for c in result.audio_columns]
 
 
@@ -250,14 +215,7 @@ def test_repetition_aware_sampling_equals_boson(repeating_models, greedy):
     prompt = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True)
     warpers = {} if greedy else {"temperature": 0.8, "top_k": 50}
     sampling = SamplingConfig(greedy=greedy, ras_win_len=7, **warpers)
-    result = generate(
-        ours,
-        prompt,
-        TOKENS,
-        max_new_columns=30,
-        sampling=sampling,
-        generator=torch.Generator().manual_seed(3),
-    )
+    result = generate_seeded(ours, prompt, sampling, 3)
     columns = result.audio_columns[0]
     # built to repeat: greedy without RAS gives 5 for every code after the delay; RAS redraws some of them
     plain = generate(ours, prompt, TOKENS, max_new_columns=30)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 from torch._dynamo import lookup_backend
@@ -34,7 +33,12 @@ from higgs_tune.models.higgs_audio.builders import higgs_audio_tiny
 
 pytest.importorskip("transformers")
 from boson_generation import LAYOUT, TOKENIZER, TOKENS, K  # noqa: E402
-from planted_models import plant_end_of_speech, random_codes, silence_placeholders  # noqa: E402
+from generation_testing import (  # noqa: E402
+    plant_end_of_speech,
+    silence_placeholders,
+    text_prompt,
+    voice_clone_prompt,
+)
 
 LAYER_VARIANTS = {
     "dual_ffn": {},
@@ -44,32 +48,11 @@ LAYER_VARIANTS = {
 }
 
 
-def voice_clone_messages(user_text: str) -> tuple[list[dict], list[np.ndarray]]:
-    """Audio-in reference, an assistant audio reference exchange, then ``user_text``."""
-    messages = [
-        {
-            "role": "system",
-            "content": [
-                {"type": "text", "text": "Generate audio following instruction.\n\nSPEAKER0: "},
-                {"type": "audio", "audio_codes": "in.npy"},
-            ],
-        },
-        {"role": "user", "content": "one red bird"},
-        {"role": "assistant", "content": {"type": "audio", "audio_codes": "out.npy"}},
-        {"role": "user", "content": user_text},
-    ]
-    return messages, [random_codes(1, 5), random_codes(2, 4)]
-
-
 def prompts() -> list:
     """Three speech-forcing prompts of different lengths (text only, voice cloning x2)."""
-    text = [
-        {"role": "system", "content": "Generate audio following instruction."},
-        {"role": "user", "content": "the small cat sees a big dog"},
-    ]
-    result = [build_prompt(text, TOKENIZER, LAYOUT, force_audio=True)]
+    result = [build_prompt(text_prompt()[0], TOKENIZER, LAYOUT, force_audio=True)]
     for sentence in ("the moon sings", "a big red dog sees the small blue bird"):
-        messages, codes = voice_clone_messages(sentence)
+        messages, codes = voice_clone_prompt(sentence)
         result.append(build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True))
     assert len({len(p) for p in result}) == 3
     return result
@@ -89,7 +72,7 @@ def model():
 def test_cached_forward_equals_the_full_forward(variant):
     torch.manual_seed(0)
     model = higgs_audio_tiny(dtype=torch.float32, **LAYER_VARIANTS[variant]).eval()
-    messages, codes = voice_clone_messages("the moon sings")
+    messages, codes = voice_clone_prompt("the moon sings")
     document = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True)
     length = len(document)
     audio = document.audio_in_mask | document.audio_out_mask

@@ -1,5 +1,5 @@
-"""Tiny random models with planted behaviour, for the generation tests: a deterministic end of speech,
-no bare audio placeholders from the text head, and audio codes that repeat (repetition-aware sampling)."""
+"""Helpers of the generation tests: prompts, and tiny random models with planted behaviour (a
+deterministic end of speech, no bare audio placeholders from the text head, audio codes that repeat)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from boson_generation import BOS, EOS, LAYOUT, TOKENS, K
 from torch import nn
+
+from higgs_tune.generation import GenerationOutput, SamplingConfig, generate
 
 
 def random_codes(seed: int, frames: int) -> np.ndarray:
@@ -57,3 +59,41 @@ def plant_repetition(model: nn.Module, code: int, strength: float = 4.0) -> None
         for k in range(K):
             head[k * stride + code].zero_()
             head[k * stride + code, 1] = 1.0
+
+
+def text_prompt() -> tuple[list[dict], list[np.ndarray]]:
+    return [
+        {"role": "system", "content": "Generate audio following instruction."},
+        {"role": "user", "content": "the small cat sees a big dog"},
+    ], []
+
+
+def voice_clone_prompt(user_text: str = "the moon sings") -> tuple[list[dict], list[np.ndarray]]:
+    """Audio-in reference in the system turn, an assistant (audio-out) reference exchange, a new user text."""
+    messages = [
+        {
+            "role": "system",
+            "content": [
+                {"type": "text", "text": "Generate audio following instruction.\n\nSPEAKER0: "},
+                {"type": "audio", "audio_codes": "ref_in.npy"},
+            ],
+        },
+        {"role": "user", "content": "one red bird"},
+        {"role": "assistant", "content": {"type": "audio", "audio_codes": "ref_out.npy"}},
+        {"role": "user", "content": user_text},
+    ]
+    return messages, [random_codes(1, 5), random_codes(2, 4)]
+
+
+def generate_seeded(
+    model: nn.Module, prompt, sampling: SamplingConfig, seed: int, max_new_columns: int = 30
+) -> GenerationOutput:
+    """Our generation of ``prompt`` drawing from a CPU generator seeded ``seed``."""
+    return generate(
+        model,
+        prompt,
+        TOKENS,
+        max_new_columns=max_new_columns,
+        sampling=sampling,
+        generator=torch.Generator().manual_seed(seed),
+    )
