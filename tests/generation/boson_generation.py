@@ -7,10 +7,10 @@ model). Every id comes from the project's tiny tokenizer and the tiny model's au
 
 - :func:`boson_prompt_inputs`: the serve engine's prompt (``prepare_chatml_sample`` + assistant header
   [+ ``<|audio_out_bos|>``]) through Boson's collator.
-- :func:`boson_generate_speech`: Boson's ``HiggsAudioModel.generate`` (KV cache, greedy), as the serve
-  engine runs it; the first audio segment as decoder codes.
+- :func:`boson_generate_speech`: Boson's ``HiggsAudioModel.generate`` (KV cache; greedy, or sampled /
+  repetition-aware with a seed), as the serve engine runs it; the first audio segment as decoder codes.
 - :func:`boson_full_prefix_generate`: Boson's protocol step by step, ``forward`` on the whole prefix at
-  every step (no cache), audio columns from Boson's ``_sample_audio_tokens``.
+  every step (no cache), audio columns from Boson's ``_sample_audio_tokens`` (its RAS included).
 """
 
 from __future__ import annotations

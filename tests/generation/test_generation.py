@@ -7,11 +7,14 @@ Oracles:
   ``<|audio_eos|>`` that closes the generated segment. After that point Boson's cached generate is NOT
   comparable: with a KV cache it never feeds the segment's LAST column (the all-EOS column) to the model,
   since the step that sampled it switches to text mode and feeds only ``<|audio_eos|>``. Its context after
-  a segment therefore lacks one column compared with the training layout (spec §5.4/§6.2, where that column
-  is present and predicts ``<|audio_eos|>``). We keep the training layout.
+  a segment therefore lacks one column compared with the training layout (where that column is present and
+  predicts ``<|audio_eos|>``). We keep the training layout.
 - A step-by-step loop over Boson's ``forward`` on the FULL prefix (no cache), choosing audio columns with
   Boson's own ``_sample_audio_tokens`` (delay and EOS rules from Boson's code): equal everything, greedy
   and sampled with the same seeded generator.
+
+Both of our drivers are held to these oracles: the KV-cached one (default) and the cache-free reference
+(``use_cache=False``); repetition-aware sampling (``ras_win_len``) on a model built to repeat.
 
 The tiny model gets a planted end of speech (see :func:`plant_end_of_speech`) so that a segment really
 ends inside the <= 40 generated columns.
