@@ -28,5 +28,5 @@ def test_bench_generation_smoke():
     ]
     for r in results:
         assert r["prompt_positions"] == 120 and r["columns"] == 12 and r["columns_per_s"] > 0
-        assert r["real_time_factor"] == pytest.approx(r["seconds"] * 25 / r["columns"], rel=1e-3)
+        assert r["real_time_factor"] == pytest.approx(r["seconds"] * 25 / r["columns"], rel=2e-2)
     assert all(r["same_codes_as_reference"] for r in results if r["side"] == "cached")
