@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from higgs_tune.config import validate_config
 from higgs_tune.data.dataset import build_dataloader
+from higgs_tune.errors import MissingInputError, report_user_errors
 from higgs_tune.data.document import AudioLayout
 from higgs_tune.evaluation import evaluate
 from higgs_tune.generation import (
@@ -220,7 +221,7 @@ class HiggsFinetuneRecipe:
                 # Tokenizer vs checkpoint (special token ids, vocab size) before gigabytes of weights load.
                 config_file = Path(checkpoint_dir) / "config.json"
                 if not config_file.is_file():
-                    raise FileNotFoundError(f"checkpointer.checkpoint_dir: {config_file} does not exist")
+                    raise MissingInputError(f"checkpointer.checkpoint_dir: {config_file} does not exist")
                 self.tokenizer.check_against_model_config(json.loads(config_file.read_text()))
                 model = from_checkpoint_dir(checkpoint_dir, dtype=self.dtype, device=self.device)
             else:
@@ -591,4 +592,5 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    # A data / checkpoint / tokenizer error is one line (tune: error: ...), exit 2; --verbose: traceback.
+    sys.exit(report_user_errors(recipe_main))

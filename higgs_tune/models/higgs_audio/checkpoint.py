@@ -25,6 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from higgs_tune.errors import InvalidInputError, MissingInputError, UserInputError
+
 from .config import HiggsAudioModelArgs
 from .model import HiggsAudioModel
 
@@ -45,7 +47,7 @@ PARTIALLY_FROZEN_SPLITS = {
 }
 
 
-class CheckpointKeyError(KeyError):
+class CheckpointKeyError(UserInputError, KeyError):
     """The checkpoint's tensors do not match the model's parameters."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
@@ -56,10 +58,10 @@ def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
     """Read ``config.json``; raise if missing or not a higgs_audio config."""
     path = Path(checkpoint_dir) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {checkpoint_dir}")
+        raise MissingInputError(f"no {CONFIG_NAME} in checkpoint directory {checkpoint_dir}")
     config = json.loads(path.read_text())
     if config.get("model_type") != "higgs_audio":
-        raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, expected 'higgs_audio'")
+        raise InvalidInputError(f"{path}: model_type is {config.get('model_type')!r}, expected 'higgs_audio'")
     return config
 
 
@@ -73,13 +75,13 @@ def _weight_files(checkpoint_dir: Path) -> dict[str, list[str]]:
             files.setdefault(file_name, []).append(key)
         missing = [name for name in files if not (checkpoint_dir / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{index_path} names shard files that do not exist: {missing}")
+            raise MissingInputError(f"{index_path} names shard files that do not exist: {missing}")
         return files
     single = checkpoint_dir / SINGLE_FILE
     if single.is_file():
         with safe_open(str(single), framework="pt") as f:
             return {SINGLE_FILE: list(f.keys())}
-    raise FileNotFoundError(f"neither {INDEX_FILE} nor {SINGLE_FILE} in {checkpoint_dir}")
+    raise MissingInputError(f"neither {INDEX_FILE} nor {SINGLE_FILE} in {checkpoint_dir}")
 
 
 def read_hf_state_dict(
