@@ -50,7 +50,8 @@ def resample_to(samples: np.ndarray, sample_rate: int, target_rate: int) -> np.n
         return samples
     import soxr
 
-    length = int(np.ceil(samples.shape[0] * float(target_rate) / sample_rate))
+    # librosa's rounding: N times the float ratio (22050 samples -> 24001 at 24 kHz, as Boson gets)
+    length = int(np.ceil(samples.shape[0] * (float(target_rate) / sample_rate)))
     out = soxr.resample(samples, sample_rate, target_rate, quality="soxr_hq")
     if out.shape[0] >= length:
         return np.asarray(out[:length], dtype=samples.dtype)
