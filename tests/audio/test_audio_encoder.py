@@ -80,7 +80,7 @@ def speech_like(num_samples: int, seed: int) -> np.ndarray:
 def test_codes_equal_boson_at_24k(boson, encoder):
     # 25 frames exactly; one odd length whose acoustic and semantic frame counts differ (Boson re-pads
     # the acoustic input by 320 samples on each side) and one whose counts agree without re-padding.
-    lengths = [24000, 24000 + 500, 960 * 13 + 17]
+    lengths = [9600, 9000, 10497]
     hubert_frames = encoder.semantic_model._get_feat_extract_output_lengths(
         encoder.semantic_lengths(torch.tensor(lengths)) + 320
     )
@@ -93,36 +93,35 @@ def test_codes_equal_boson_at_24k(boson, encoder):
         codes = encoder.encode([wav])[0]
         assert codes.dtype == torch.int64 and codes.shape == expected.shape, n
         assert torch.equal(codes, expected.cpu()), n
-    assert expected.shape == (8, 13)
-    assert encoder.encode([speech_like(24000, 0)])[0].shape == (8, 25)  # 25 frames/s
+    assert expected.shape == (8, 11)  # 10497 samples: 10.9 frames at 25 frames/s
 
 
 def test_batch_equals_one_clip_at_a_time(encoder):
-    clips = [speech_like(n, seed=n) for n in (24000, 30011, 960 * 9, 17000)]
+    clips = [speech_like(n, seed=n) for n in (9600, 12011, 4800, 7000)]
     batch = encoder.encode(clips)
     for clip, codes in zip(clips, batch):
         assert torch.equal(codes, encoder.encode([clip])[0])
-    assert [c.shape[1] for c in batch] == [25, 32, 9, 18]
+    assert [c.shape[1] for c in batch] == [10, 13, 5, 8]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("rate", "suffix", "channels"), [(16000, ".flac", 1), (22050, ".wav", 2), (44100, ".ogg", 1)])
 def test_file_codes_equal_boson_at_other_rates(boson, encoder, tmp_path, rate, suffix, channels):
-    samples = np.stack([speech_like(rate, seed=rate + c) for c in range(channels)], axis=1)
+    samples = np.stack([speech_like(rate * 2 // 5, seed=rate + c) for c in range(channels)], axis=1)
     path = tmp_path / f"clip{suffix}"
     soundfile.write(path, samples, rate)
     expected = boson.encode(str(path))  # librosa.load + librosa.resample to 24 kHz, then encode
     codes = encoder.encode_file(path)
-    assert codes.shape == expected.shape == (8, 25)
+    assert codes.shape == expected.shape == (8, 10)
     assert torch.equal(codes, expected.cpu())
 
 
 @pytest.mark.slow
 def test_encode_decode_round_trip_equals_boson(boson, encoder, codec_dir):
-    wav = speech_like(19200, seed=7)
+    wav = speech_like(7680, seed=7)
     ours = AudioCodecDecoder.from_pretrained(codec_dir)(encoder.encode([wav])[0][None])
     expected = torch.from_numpy(boson.decode(boson.encode(wav, sr=24000)[None]))[:, 0]
-    assert ours.shape == expected.shape == (1, 19200)
+    assert ours.shape == expected.shape == (1, 7680)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
