@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from higgs_tune.config import validate_config
 from higgs_tune.data.dataset import build_dataloader
-from higgs_tune.errors import MissingInputError, report_user_errors
 from higgs_tune.data.document import AudioLayout
+from higgs_tune.errors import MissingInputError, report_user_errors
 from higgs_tune.evaluation import evaluate
 from higgs_tune.generation import (
     GenerationTokens,

@@ -121,7 +121,9 @@ def items_from_ljspeech(metadata_csv: Path) -> list[Item]:
             if not row:
                 continue
             if len(row) < 2:
-                raise InputError(f"{metadata_csv}:{line_number}: expected 'id|text[|normalized]', got {row!r}")
+                raise InputError(
+                    f"{metadata_csv}:{line_number}: expected 'id|text[|normalized]', got {row!r}"
+                )
             text = (row[2] if len(row) > 2 and row[2].strip() else row[1]).strip()
             problem = None if text else f"{metadata_csv}:{line_number}: empty transcript"
             audio_path = metadata_csv.parent / "wavs" / f"{row[0]}.wav"
@@ -140,7 +142,9 @@ def items_from_jsonl(path: Path) -> list[Item]:
                 record = json.loads(line)
                 audio, text = record["audio"], record.get("text")
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                raise InputError(f"{path}:{line_number}: expected {{'audio': ..., 'text': ...}}: {error}") from None
+                raise InputError(
+                    f"{path}:{line_number}: expected {{'audio': ..., 'text': ...}}: {error}"
+                ) from None
             text = str(text).strip() if text is not None else ""
             problem = None if text else f"{path}:{line_number}: no transcript ('text' missing or empty)"
             item_id = str(record.get("id", f"item_{line_number:08d}"))
@@ -262,14 +266,20 @@ class PluginEncoder:
         try:
             factory = getattr(module, attribute)
         except AttributeError:
-            raise ValueError(f"--audio-tokenizer {spec!r}: module {module_name} has no attribute {attribute!r}") from None
+            raise ValueError(
+                f"--audio-tokenizer {spec!r}: module {module_name} has no attribute {attribute!r}"
+            ) from None
         encoder = factory()
         self.encode_path: Callable[[str], object] = getattr(encoder, "encode", encoder)
         if not callable(self.encode_path):
-            raise TypeError(f"--audio-tokenizer {spec!r}: {attribute}() returned {type(encoder).__name__}, not an encoder")
+            raise TypeError(
+                f"--audio-tokenizer {spec!r}: {attribute}() returned {type(encoder).__name__}, not an encoder"
+            )
 
 
-def load_encoder(spec: str, semantic_model_dir: str | None = None, device: str = "cpu") -> FolderEncoder | PluginEncoder:
+def load_encoder(
+    spec: str, semantic_model_dir: str | None = None, device: str = "cpu"
+) -> FolderEncoder | PluginEncoder:
     """The encoder named by ``spec``: a tokenizer folder, or ``module:factory``."""
     if Path(spec).is_dir():
         return FolderEncoder(spec, semantic_model_dir, device)
@@ -332,7 +342,9 @@ def _save_codes(codes: object, job: AudioJob, num_codebooks: int, codebook_size:
     return int(codes.shape[1])
 
 
-def encode_jobs(jobs: list[AudioJob], num_codebooks: int, codebook_size: int) -> list[tuple[AudioJob, float, str | None]]:
+def encode_jobs(
+    jobs: list[AudioJob], num_codebooks: int, codebook_size: int
+) -> list[tuple[AudioJob, float, str | None]]:
     """Encode one batch with this process's encoder, write the codes; ``(job, seconds, problem)`` each."""
     from higgs_tune.audio_io import AudioFileError, read_audio, resample_to
 
@@ -420,7 +432,10 @@ def manifest_record(item: Item, codes: dict[Path, str], system_prompt: str) -> d
             {"role": "assistant", "content": audio(item.reference.audio_path)},
         ]
         record["start_index"] = len(messages)
-    messages += [{"role": "user", "content": item.text}, {"role": "assistant", "content": audio(item.audio_path)}]
+    messages += [
+        {"role": "user", "content": item.text},
+        {"role": "assistant", "content": audio(item.audio_path)},
+    ]
     record = {"messages": messages, **record}
     if item.speaker:
         record["speaker"] = item.speaker
@@ -466,7 +481,9 @@ def prepare(
         frames = existing_codes_frames(codes_paths[path], num_codebooks, codebook_size)
         if frames is not None:
             if frames > max_seconds * FRAME_RATE + 1:
-                problems[path] = f"{path}: {frames / FRAME_RATE:.1f} s is longer than --max-seconds {max_seconds:g}"
+                problems[path] = (
+                    f"{path}: {frames / FRAME_RATE:.1f} s is longer than --max-seconds {max_seconds:g}"
+                )
             reused += 1
             continue
         seconds, problem = probe_audio(path, max_seconds)
@@ -476,7 +493,9 @@ def prepare(
             todo.append((AudioJob(path, codes_paths[path]), seconds))
 
     def item_problem(item: Item) -> str | None:
-        return item.problem or next((problems[p] for p in (item.audio_path, *_reference_audio(item)) if p in problems), None)
+        return item.problem or next(
+            (problems[p] for p in (item.audio_path, *_reference_audio(item)) if p in problems), None
+        )
 
     bad = [(item, item_problem(item)) for item in items if item_problem(item)]
     if bad and on_bad_item == "error":
@@ -487,7 +506,9 @@ def prepare(
             "--on-bad-item skip"
         )
     bad_ids = {item.item_id for item, _ in bad}
-    needed = {p for item in items if item.item_id not in bad_ids for p in (item.audio_path, *_reference_audio(item))}
+    needed = {
+        p for item in items if item.item_id not in bad_ids for p in (item.audio_path, *_reference_audio(item))
+    }
     todo = [(job, seconds) for job, seconds in todo if job.audio_path in needed]
     print(
         f"{len(items)} items ({len(bad)} bad), {len(audio_paths)} audio files: {reused} already encoded, "
@@ -567,12 +588,17 @@ def _run_encoding(
             yield from results
     else:
         if device != "cpu":
-            raise ValueError("--workers > 1 is for CPU encoding; one GPU encodes in one process (--workers 1)")
+            raise ValueError(
+                "--workers > 1 is for CPU encoding; one GPU encodes in one process (--workers 1)"
+            )
         threads = max(1, (os.cpu_count() or 1) // workers)
         # spawn, not fork: the encoder holds torch state that does not survive a fork.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_init_worker, initargs=(spec, semantic_model, device, threads)
+            workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(spec, semantic_model, device, threads),
         ) as pool:
             futures = [pool.submit(encode_jobs, batch, num_codebooks, codebook_size) for batch in work]
             for future in as_completed(futures):
@@ -584,18 +610,25 @@ def _run_encoding(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", type=Path, required=True, help="folder, metadata.csv, .jsonl or metadata.json")
+    parser.add_argument(
+        "--input", type=Path, required=True, help="folder, metadata.csv, .jsonl or metadata.json"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory (manifest + codes/)")
     parser.add_argument(
         "--audio-tokenizer", required=True, help="Boson's audio tokenizer folder, or 'module:factory'"
     )
     parser.add_argument(
-        "--semantic-model", help="local bosonai/hubert_base folder (default: hubert_base inside the tokenizer's)"
+        "--semantic-model",
+        help="local bosonai/hubert_base folder (default: hubert_base inside the tokenizer's)",
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--workers", type=int, default=1, help="encoding processes on CPU (default 1)")
-    parser.add_argument("--batch-seconds", type=float, default=20.0, help="padded audio per forward (default 20)")
-    parser.add_argument("--max-seconds", type=float, default=30.0, help="longer clips are bad items (default 30)")
+    parser.add_argument(
+        "--batch-seconds", type=float, default=20.0, help="padded audio per forward (default 20)"
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, default=30.0, help="longer clips are bad items (default 30)"
+    )
     parser.add_argument("--on-bad-item", choices=ON_BAD_ITEM, default="error")
     parser.add_argument(
         "--clone-from-speaker",

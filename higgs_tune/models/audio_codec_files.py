@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-CODEC_FOLDER_HINT = "expected Boson's audio tokenizer folder, e.g. a local copy of bosonai/higgs-audio-v2-tokenizer"
+CODEC_FOLDER_HINT = (
+    "expected Boson's audio tokenizer folder, e.g. a local copy of bosonai/higgs-audio-v2-tokenizer"
+)
 
 
 @dataclass
@@ -100,9 +102,13 @@ def read_codec_folder(path: str | Path, what: str) -> CodecFiles:
     config_path, weights_path = folder / "config.json", folder / "model.pth"
     for required in (config_path, weights_path):
         if not required.is_file():
-            raise FileNotFoundError(f"{what}: {required} not found ({CODEC_FOLDER_HINT}: config.json and model.pth)")
+            raise FileNotFoundError(
+                f"{what}: {required} not found ({CODEC_FOLDER_HINT}: config.json and model.pth)"
+            )
     config = json.loads(config_path.read_text())
     if not isinstance(config.get("bins", 1024), int):
-        raise ValueError(f"{config_path}: bins={config['bins']} is a residual FSQ quantizer; only RVQ is supported")
+        raise ValueError(
+            f"{config_path}: bins={config['bins']} is a residual FSQ quantizer; only RVQ is supported"
+        )
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     return CodecFiles(config, state, config_path, weights_path)

@@ -240,12 +240,16 @@ class AudioCodecEncoder(nn.Module):
         new, orig = self.semantic_sample_rate // gcd, self.sample_rate // gcd
         return torch.tensor([int(torch.ceil(torch.as_tensor(new * n / orig))) for n in lengths.tolist()])
 
-    def semantic_features(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def semantic_features(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """waveforms ``[B, N]`` (valid up to ``lengths [B]``) -> HuBERT features ``[B, S, C]``, frames ``[B]``:
         the mean of all hidden states, every ``semantic_downsample_factor``-th frame."""
         resampled = resample_sinc(waveforms, self.sample_rate, self.semantic_sample_rate)
         lengths16 = self.semantic_lengths(lengths).to(waveforms.device)
-        padded = nn.functional.pad(zero_beyond(resampled[:, None], lengths16)[:, 0], (SEMANTIC_PAD, SEMANTIC_PAD))
+        padded = nn.functional.pad(
+            zero_beyond(resampled[:, None], lengths16)[:, 0], (SEMANTIC_PAD, SEMANTIC_PAD)
+        )
         hubert = self.semantic_model
         # Clip by clip: the first convolution's GroupNorm normalises over the whole clip.
         features = [
@@ -299,10 +303,14 @@ class AudioCodecEncoder(nn.Module):
             x = nn.functional.linear(residual, self.project_in_weight[k], self.project_in_bias[k])
             flat = x.reshape(-1, x.shape[-1])
             embed = self.codebook_embeddings[k].t()  # [codebook_dim, bins]
-            distance = -(flat.pow(2).sum(1, keepdim=True) - 2 * flat @ embed + embed.pow(2).sum(0, keepdim=True))
+            distance = -(
+                flat.pow(2).sum(1, keepdim=True) - 2 * flat @ embed + embed.pow(2).sum(0, keepdim=True)
+            )
             index = distance.max(dim=-1).indices.view(x.shape[:-1])  # [B, T]
             quantized = nn.functional.embedding(index, self.codebook_embeddings[k])
-            residual = residual - nn.functional.linear(quantized, self.project_out_weight[k], self.project_out_bias[k])
+            residual = residual - nn.functional.linear(
+                quantized, self.project_out_weight[k], self.project_out_bias[k]
+            )
             codes.append(index)
         return torch.stack(codes, dim=1)
 
@@ -383,7 +391,9 @@ def load_semantic_model(folder: Path, files: CodecFiles) -> nn.Module:
             "bosonai/hubert_base, e.g. --semantic-model DIR or a hubert_base folder inside the tokenizer's)"
         )
     model = HubertModel.from_pretrained(str(folder))
-    saved = {k[len("semantic_model.") :]: v for k, v in files.state.items() if k.startswith("semantic_model.")}
+    saved = {
+        k[len("semantic_model.") :]: v for k, v in files.state.items() if k.startswith("semantic_model.")
+    }
     if saved:
         own = model.state_dict()
         for old, new in (

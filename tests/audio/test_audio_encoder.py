@@ -21,7 +21,8 @@ from higgs_tune.models.audio_encoder import AudioCodecEncoder
 
 
 @pytest.mark.parametrize(
-    ("orig", "new"), [(24000, 16000), (16000, 24000), (44100, 24000), (22050, 24000), (8000, 24000), (200, 16000)]
+    ("orig", "new"),
+    [(24000, 16000), (16000, 24000), (44100, 24000), (22050, 24000), (8000, 24000), (200, 16000)],
 )
 def test_resample_equals_torchaudio(orig, new):
     generator = torch.Generator().manual_seed(orig)
@@ -71,7 +72,9 @@ def speech_like(num_samples: int, seed: int) -> np.ndarray:
     """A noisy harmonic signal with an envelope (float32 in [-1, 1])."""
     rng = np.random.default_rng(seed)
     t = np.arange(num_samples) / 24000
-    tone = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) / (i + 1) for i, f in enumerate((140, 280, 560, 1100)))
+    tone = sum(
+        np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) / (i + 1) for i, f in enumerate((140, 280, 560, 1100))
+    )
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
     return (0.2 * tone * envelope + 0.02 * rng.standard_normal(num_samples)).astype(np.float32)
 
@@ -105,7 +108,9 @@ def test_batch_equals_one_clip_at_a_time(encoder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("rate", "suffix", "channels"), [(16000, ".flac", 1), (22050, ".wav", 2), (44100, ".ogg", 1)])
+@pytest.mark.parametrize(
+    ("rate", "suffix", "channels"), [(16000, ".flac", 1), (22050, ".wav", 2), (44100, ".ogg", 1)]
+)
 def test_file_codes_equal_boson_at_other_rates(boson, encoder, tmp_path, rate, suffix, channels):
     samples = np.stack([speech_like(rate * 2 // 5, seed=rate + c) for c in range(channels)], axis=1)
     path = tmp_path / f"clip{suffix}"
@@ -127,7 +132,9 @@ def test_encode_decode_round_trip_equals_boson(boson, encoder, codec_dir):
 
 def test_semantic_weights_come_from_the_folder_without_model_pth_ones(codec_dir, encoder, tmp_path):
     state = torch.load(codec_dir / "model.pth", weights_only=True)
-    torch.save({k: v for k, v in state.items() if not k.startswith("semantic_model.")}, tmp_path / "model.pth")
+    torch.save(
+        {k: v for k, v in state.items() if not k.startswith("semantic_model.")}, tmp_path / "model.pth"
+    )
     (tmp_path / "config.json").write_text((codec_dir / "config.json").read_text())
     alone = AudioCodecEncoder.from_pretrained(tmp_path, semantic_model_dir=codec_dir / "hubert_base")
     from transformers import HubertModel
@@ -163,4 +170,6 @@ def test_read_and_resample_like_librosa(tmp_path):
     samples, rate = read_audio(tmp_path / "s.wav")
     expected, expected_rate = librosa.load(tmp_path / "s.wav", sr=None, mono=True)
     assert rate == expected_rate == 22050 and np.array_equal(samples, expected)
-    assert np.array_equal(resample_to(samples, 22050, 24000), librosa.resample(expected, orig_sr=22050, target_sr=24000))
+    assert np.array_equal(
+        resample_to(samples, 22050, 24000), librosa.resample(expected, orig_sr=22050, target_sr=24000)
+    )

@@ -80,7 +80,14 @@ def make_layouts(root):
 
 
 def prepare(input_path, out, codec, *extra):
-    command = [sys.executable, str(REPO / "tools" / "prepare.py"), "--input", str(input_path), "--out", str(out)]
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "prepare.py"),
+        "--input",
+        str(input_path),
+        "--out",
+        str(out),
+    ]
     command += ["--audio-tokenizer", str(codec), *extra]
     done = subprocess.run(command, capture_output=True, text=True, env=RUN_ENV, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -114,7 +121,10 @@ def test_recordings_to_trained_export_to_wav(tmp_path):
 
     clone = json.loads(manifests["metadata_json"].read_text().splitlines()[1])  # input order kept
     assert clone["start_index"] == 3 and clone["messages"][1]["content"] == "A voice to copy."
-    assert "<|scene_desc_start|>\nAudio is recorded from quiet room.\n<|scene_desc_end|>" in clone["messages"][0]["content"]
+    assert (
+        "<|scene_desc_start|>\nAudio is recorded from quiet room.\n<|scene_desc_end|>"
+        in clone["messages"][0]["content"]
+    )
 
     output_dir = tmp_path / "run"
     command = recipe_command(output_dir, manifests["metadata_json"].parent, "max_steps=3", "batch_size=1")

@@ -38,7 +38,13 @@ def test_metadata_json_with_scene_and_reference(prepare, tmp_path):
     path = metadata_json(
         tmp_path,
         [
-            {"id": "a", "audio_file": "a.wav", "transcript_file": "a.txt", "speaker_id": "s1", "scene": "quiet_room"},
+            {
+                "id": "a",
+                "audio_file": "a.wav",
+                "transcript_file": "a.txt",
+                "speaker_id": "s1",
+                "scene": "quiet_room",
+            },
             {
                 "id": "b",
                 "audio_file": "b.wav",
@@ -51,7 +57,9 @@ def test_metadata_json_with_scene_and_reference(prepare, tmp_path):
     )
     summary = prepare.prepare(path, tmp_path / "out", FAKE)
     assert (summary["encoded"], summary["total"], summary["samples"], summary["skipped"]) == (3, 3, 2, 0)
-    plain, clone = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    plain, clone = [
+        json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    ]
     assert plain["messages"][0]["content"] == (
         "Generate audio following instruction.\n\n<|scene_desc_start|>\nAudio is recorded from quiet room."
         "\n<|scene_desc_end|>"
@@ -74,7 +82,9 @@ def test_clone_from_speaker_uses_the_speakers_next_clip(prepare, tmp_path):
     records = []
     for name, speaker, frames in (("a1", "a", 2), ("a2", "a", 3), ("a3", "a", 4), ("b1", "b", 5)):
         write_wav(tmp_path / f"{name}.wav", frames, 500 * frames)
-        records.append(json.dumps({"audio": f"{name}.wav", "text": f"text {name}", "id": name, "speaker": speaker}))
+        records.append(
+            json.dumps({"audio": f"{name}.wav", "text": f"text {name}", "id": name, "speaker": speaker})
+        )
     (tmp_path / "items.jsonl").write_text("\n".join(records) + "\n")
     summary = prepare.prepare(tmp_path / "items.jsonl", tmp_path / "out", FAKE, clone_from_speaker=True)
     assert (summary["total"], summary["samples"]) == (4, 7)  # 4 clips, 4 plain + 3 clones (b has one clip)
@@ -125,7 +135,9 @@ def test_bad_items_skipped_and_counted(prepare, tmp_path, capsys):
 
 def test_cli_reports_bad_items_in_one_line_each(prepare, tmp_path, capsys):
     folder = bad_folder(tmp_path / "speech")
-    assert prepare.main(["--input", str(folder), "--out", str(tmp_path / "o"), "--audio-tokenizer", FAKE]) == 2
+    assert (
+        prepare.main(["--input", str(folder), "--out", str(tmp_path / "o"), "--audio-tokenizer", FAKE]) == 2
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err and "prepare: error: 3 bad item(s) of 5" in err
 

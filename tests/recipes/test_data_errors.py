@@ -98,4 +98,6 @@ def test_tokenizer_does_not_match_the_checkpoint(tmp_path, synthetic):
 
     checkpoint = tiny_checkpoint(tmp_path / "checkpoint", edit_config=shift_token)
     result = run_setup(tmp_path, synthetic, f"checkpointer.checkpoint_dir={checkpoint}")
-    assert_one_line_error(result, "tiny_tokenizer/tokenizer.json does not match the model config: audio_out_token_idx=")
+    assert_one_line_error(
+        result, "tiny_tokenizer/tokenizer.json does not match the model config: audio_out_token_idx="
+    )
