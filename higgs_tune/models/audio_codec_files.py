@@ -21,6 +21,21 @@ CODEC_FOLDER_HINT = (
 )
 
 
+@dataclass(frozen=True)
+class CodecSizes:
+    """The codec's sizes shared by its encoder and decoder: ``num_codebooks`` RVQ codebooks of
+    ``codebook_size`` entries of ``codebook_dim``, projected to ``quantizer_dim``; the DAC latent has
+    ``latent_dim`` channels, one frame per ``prod(ratios)`` samples at ``sample_rate``."""
+
+    num_codebooks: int
+    codebook_size: int
+    codebook_dim: int
+    quantizer_dim: int
+    latent_dim: int
+    ratios: tuple[int, ...]
+    sample_rate: int
+
+
 @dataclass
 class CodecFiles:
     """The parsed folder: its ``config.json`` and the ``model.pth`` state dict (fp32 tensors as saved)."""
@@ -62,6 +77,25 @@ class CodecFiles:
         if not out:
             raise ValueError(f"{self.weights_path}: no weights under {prefix!r} ({CODEC_FOLDER_HINT})")
         return out
+
+    def sizes(self) -> CodecSizes:
+        """The sizes, read from the weights (``ratios`` and ``sample_rate`` from ``config.json``);
+        ValueError when ``config.json``'s ``D`` disagrees with the weights."""
+        embed = self.take("quantizer.vq.layers.0._codebook.embed")  # [bins, codebook_dim]
+        latent_dim, quantizer_dim = self.take("fc_post2.weight").shape
+        if "D" in self.config and self.config["D"] != latent_dim:
+            raise ValueError(
+                f"{self.weights_path}: fc_post2 maps to {latent_dim} channels, config.json says D={self.config['D']}"
+            )
+        return CodecSizes(
+            num_codebooks=self.num_codebooks,
+            codebook_size=embed.shape[0],
+            codebook_dim=embed.shape[1],
+            quantizer_dim=quantizer_dim,
+            latent_dim=latent_dim,
+            ratios=tuple(self.config.get("ratios", [8, 5, 4, 2])),
+            sample_rate=int(self.config.get("sample_rate", 16000)),
+        )
 
     def rvq_state(self) -> dict[str, torch.Tensor]:
         """The residual VQ, codebooks stacked: ``codebook_embeddings [K, bins, codebook_dim]``,

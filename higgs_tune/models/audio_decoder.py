@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from higgs_tune.models.audio_codec_files import read_codec_folder
+from higgs_tune.models.audio_codec_files import CodecSizes, read_codec_folder
 
 
 class Snake1d(nn.Module):
@@ -105,30 +105,20 @@ class AudioCodecDecoder(nn.Module):
     sizes; ``ratios`` and ``sample_rate`` come from its ``config.json``.
     """
 
-    def __init__(
-        self,
-        *,
-        num_codebooks: int,
-        codebook_size: int,
-        codebook_dim: int,
-        quantizer_dim: int,
-        latent_dim: int,
-        channels: int,
-        ratios: list[int],
-        sample_rate: int,
-    ) -> None:
+    def __init__(self, sizes: CodecSizes, channels: int) -> None:
         super().__init__()
-        self.num_codebooks = num_codebooks
-        self.codebook_size = codebook_size
-        self.sample_rate = sample_rate
-        self.hop_length = math.prod(ratios)
+        k, q = sizes.num_codebooks, sizes.quantizer_dim
+        self.num_codebooks = k
+        self.codebook_size = sizes.codebook_size
+        self.sample_rate = sizes.sample_rate
+        self.hop_length = math.prod(sizes.ratios)
         # Residual VQ decode, all codebooks at once: embeddings [K, bins, codebook_dim] and each
         # codebook's output projection [K, quantizer_dim, codebook_dim] (+ bias [K, quantizer_dim]).
-        self.register_buffer("codebook_embeddings", torch.zeros(num_codebooks, codebook_size, codebook_dim))
-        self.project_out_weight = nn.Parameter(torch.zeros(num_codebooks, quantizer_dim, codebook_dim))
-        self.project_out_bias = nn.Parameter(torch.zeros(num_codebooks, quantizer_dim))
-        self.fc_post2 = nn.Linear(quantizer_dim, latent_dim)
-        self.decoder_2 = DACDecoder(latent_dim, channels, ratios)
+        self.register_buffer("codebook_embeddings", torch.zeros(k, sizes.codebook_size, sizes.codebook_dim))
+        self.project_out_weight = nn.Parameter(torch.zeros(k, q, sizes.codebook_dim))
+        self.project_out_bias = nn.Parameter(torch.zeros(k, q))
+        self.fc_post2 = nn.Linear(q, sizes.latent_dim)
+        self.decoder_2 = DACDecoder(sizes.latent_dim, channels, list(sizes.ratios))
 
     @torch.no_grad()
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
@@ -174,23 +164,7 @@ class AudioCodecDecoder(nn.Module):
             "fc_post2.bias": files.take("fc_post2.bias"),
             **files.module_state("decoder_2."),
         }
-        embeddings = decode_state["codebook_embeddings"]
-        latent_dim, quantizer_dim = decode_state["fc_post2.weight"].shape
-        if "D" in files.config and files.config["D"] != latent_dim:
-            raise ValueError(
-                f"{files.weights_path}: fc_post2 maps to {latent_dim} channels, "
-                f"config.json says D={files.config['D']}"
-            )
-        model = cls(
-            num_codebooks=embeddings.shape[0],
-            codebook_size=embeddings.shape[1],
-            codebook_dim=embeddings.shape[2],
-            quantizer_dim=quantizer_dim,
-            latent_dim=latent_dim,
-            channels=files.take("decoder_2.model.0.bias").shape[0],
-            ratios=list(files.config.get("ratios", [8, 5, 4, 2])),
-            sample_rate=int(files.config.get("sample_rate", 16000)),
-        )
+        model = cls(files.sizes(), channels=files.take("decoder_2.model.0.bias").shape[0])
         try:
             model.load_state_dict(decode_state, strict=True)
         except RuntimeError as error:

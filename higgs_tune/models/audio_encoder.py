@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from higgs_tune.audio_io import read_audio, resample_sinc, resample_to
-from higgs_tune.models.audio_codec_files import CodecFiles, read_codec_folder
+from higgs_tune.models.audio_codec_files import CodecFiles, CodecSizes, read_codec_folder
 from higgs_tune.models.audio_decoder import Snake1d
 
 # Boson's get_regress_target pads the 16 kHz waveform by this many samples on each side (half of
@@ -197,20 +197,15 @@ class AudioCodecEncoder(nn.Module):
     """
 
     def __init__(
-        self,
-        *,
-        semantic_model: nn.Module,
-        num_codebooks: int,
-        codebook_size: int,
-        codebook_dim: int,
-        quantizer_dim: int,
-        latent_dim: int,
-        channels: int,
-        ratios: Sequence[int],
-        sample_rate: int,
-        semantic_sample_rate: int,
+        self, sizes: CodecSizes, *, channels: int, semantic_model: nn.Module, semantic_sample_rate: int
     ) -> None:
         super().__init__()
+        sample_rate, ratios = sizes.sample_rate, sizes.ratios
+        num_codebooks, codebook_dim, quantizer_dim = (
+            sizes.num_codebooks,
+            sizes.codebook_dim,
+            sizes.quantizer_dim,
+        )
         self.sample_rate = sample_rate
         self.semantic_sample_rate = semantic_sample_rate
         self.hop_length = math.prod(ratios)
@@ -218,13 +213,15 @@ class AudioCodecEncoder(nn.Module):
         # Boson's formula: HuBERT frames (20 ms at 16 kHz) per codec frame.
         self.semantic_downsample_factor = int(self.hop_length / (sample_rate / semantic_sample_rate) / 320)
         self.num_codebooks = num_codebooks
-        self.codebook_size = codebook_size
+        self.codebook_size = sizes.codebook_size
         self.semantic_model = semantic_model.eval().requires_grad_(False)
         semantic_dim = semantic_model.config.hidden_size
-        self.encoder = DACEncoder(channels, ratios, latent_dim)
+        self.encoder = DACEncoder(channels, ratios, sizes.latent_dim)
         self.encoder_semantic = SemanticEncoder(semantic_dim)
-        self.fc_prior = nn.Linear(latent_dim + semantic_dim, quantizer_dim)
-        self.register_buffer("codebook_embeddings", torch.zeros(num_codebooks, codebook_size, codebook_dim))
+        self.fc_prior = nn.Linear(sizes.latent_dim + semantic_dim, quantizer_dim)
+        self.register_buffer(
+            "codebook_embeddings", torch.zeros(num_codebooks, sizes.codebook_size, codebook_dim)
+        )
         self.project_in_weight = nn.Parameter(torch.zeros(num_codebooks, codebook_dim, quantizer_dim))
         self.project_in_bias = nn.Parameter(torch.zeros(num_codebooks, codebook_dim))
         self.project_out_weight = nn.Parameter(torch.zeros(num_codebooks, quantizer_dim, codebook_dim))
@@ -350,17 +347,16 @@ class AudioCodecEncoder(nn.Module):
         semantic_model = load_semantic_model(semantic_folder, files)
         rvq = files.rvq_state()
         encoder_state = files.module_state("encoder.")
-        quantizer_dim, combined_dim = files.take("fc_prior.weight").shape
+        sizes = files.sizes()
+        if files.take("fc_prior.weight").shape[1] != sizes.latent_dim + semantic_model.config.hidden_size:
+            raise ValueError(
+                f"{files.weights_path}: fc_prior reads {files.take('fc_prior.weight').shape[1]} channels, not "
+                f"the DAC latent {sizes.latent_dim} + HuBERT's {semantic_model.config.hidden_size}"
+            )
         model = cls(
-            semantic_model=semantic_model,
-            num_codebooks=rvq["codebook_embeddings"].shape[0],
-            codebook_size=rvq["codebook_embeddings"].shape[1],
-            codebook_dim=rvq["codebook_embeddings"].shape[2],
-            quantizer_dim=quantizer_dim,
-            latent_dim=combined_dim - semantic_model.config.hidden_size,
+            sizes,
             channels=encoder_state["encoder.block.0.weight"].shape[0],
-            ratios=list(files.config.get("ratios", [8, 5, 4, 2])),
-            sample_rate=int(files.config.get("sample_rate", 16000)),
+            semantic_model=semantic_model,
             semantic_sample_rate=int(files.config.get("semantic_sample_rate") or 16000),
         )
         state = {
