@@ -173,3 +173,14 @@ def test_read_and_resample_like_librosa(tmp_path):
     assert np.array_equal(
         resample_to(samples, 22050, 24000), librosa.resample(expected, orig_sr=22050, target_sr=24000)
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_codes_equal_cpu_codes(codec_dir, encoder):
+    """fp32 on CUDA (TF32 off): the CPU codes, batched."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    clips = [speech_like(n, seed=n) for n in (9600, 12011, 4800)]
+    on_cuda = AudioCodecEncoder.from_pretrained(codec_dir, device="cuda").encode(clips)
+    for codes, expected in zip(on_cuda, encoder.encode(clips)):
+        assert (codes == expected).float().mean() > 0.99
