@@ -200,32 +200,28 @@ class AudioCodecEncoder(nn.Module):
         self, sizes: CodecSizes, *, channels: int, semantic_model: nn.Module, semantic_sample_rate: int
     ) -> None:
         super().__init__()
-        sample_rate, ratios = sizes.sample_rate, sizes.ratios
-        num_codebooks, codebook_dim, quantizer_dim = (
-            sizes.num_codebooks,
-            sizes.codebook_dim,
-            sizes.quantizer_dim,
-        )
-        self.sample_rate = sample_rate
+        k, bins, c, q = sizes.num_codebooks, sizes.codebook_size, sizes.codebook_dim, sizes.quantizer_dim
+        self.sample_rate = sizes.sample_rate
         self.semantic_sample_rate = semantic_sample_rate
-        self.hop_length = math.prod(ratios)
-        self.frame_rate = math.ceil(sample_rate / self.hop_length)
+        self.hop_length = math.prod(sizes.ratios)
+        self.frame_rate = math.ceil(sizes.sample_rate / self.hop_length)
         # Boson's formula: HuBERT frames (20 ms at 16 kHz) per codec frame.
-        self.semantic_downsample_factor = int(self.hop_length / (sample_rate / semantic_sample_rate) / 320)
-        self.num_codebooks = num_codebooks
-        self.codebook_size = sizes.codebook_size
+        self.semantic_downsample_factor = int(
+            self.hop_length / (sizes.sample_rate / semantic_sample_rate) / 320
+        )
+        self.num_codebooks, self.codebook_size = k, bins
         self.semantic_model = semantic_model.eval().requires_grad_(False)
         semantic_dim = semantic_model.config.hidden_size
-        self.encoder = DACEncoder(channels, ratios, sizes.latent_dim)
+        self.encoder = DACEncoder(channels, sizes.ratios, sizes.latent_dim)
         self.encoder_semantic = SemanticEncoder(semantic_dim)
-        self.fc_prior = nn.Linear(sizes.latent_dim + semantic_dim, quantizer_dim)
-        self.register_buffer(
-            "codebook_embeddings", torch.zeros(num_codebooks, sizes.codebook_size, codebook_dim)
-        )
-        self.project_in_weight = nn.Parameter(torch.zeros(num_codebooks, codebook_dim, quantizer_dim))
-        self.project_in_bias = nn.Parameter(torch.zeros(num_codebooks, codebook_dim))
-        self.project_out_weight = nn.Parameter(torch.zeros(num_codebooks, quantizer_dim, codebook_dim))
-        self.project_out_bias = nn.Parameter(torch.zeros(num_codebooks, quantizer_dim))
+        self.fc_prior = nn.Linear(sizes.latent_dim + semantic_dim, q)
+        # Residual VQ, all codebooks stacked: entries [K, bins, C], project_in [K, C, Q] (+ bias [K, C]),
+        # project_out [K, Q, C] (+ bias [K, Q]); C = codebook_dim, Q = quantizer_dim.
+        self.register_buffer("codebook_embeddings", torch.zeros(k, bins, c))
+        self.project_in_weight = nn.Parameter(torch.zeros(k, c, q))
+        self.project_in_bias = nn.Parameter(torch.zeros(k, c))
+        self.project_out_weight = nn.Parameter(torch.zeros(k, q, c))
+        self.project_out_bias = nn.Parameter(torch.zeros(k, q))
 
     @property
     def device(self) -> torch.device:
