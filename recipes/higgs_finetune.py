@@ -57,11 +57,13 @@ from higgs_tune.models.higgs_audio.lora import (
     apply_lora,
     lora_modules,
     merged_state_dict,
+    merged_tensors,
     save_adapter,
     set_trainable,
 )
 from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
 from higgs_tune.training.checkpointing import (
+    fingerprint_frozen_base,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -237,6 +239,10 @@ class HiggsFinetuneRecipe:
                     dropout=lora.get("dropout", 0.0),
                 )
         set_trainable(model, finetune.get("mode", "full"))
+        # LoRA / audio adapter: checkpoints store only what trains, and the fingerprint of the frozen
+        # base it trains on (taken before FSDP shards it); resume refuses another base.
+        source = str(Path(checkpoint_dir).resolve()) if checkpoint_dir is not None else f"random init, seed {cfg.seed}"
+        self.frozen_base = fingerprint_frozen_base(model, source, model.args.to_hf_config())
         apply_activation_checkpointing(model, enabled=cfg.get("activation_checkpointing", False))
         if self.dist.is_distributed:
             if cfg.cuda_graphs:
@@ -517,6 +523,7 @@ class HiggsFinetuneRecipe:
             optimizer=self.optimizer,
             training_state=training_state,
             keep_last=self.cfg.get("keep_last_n_checkpoints", 2),
+            frozen_base=self.frozen_base,
         )
         self._log(f"saved checkpoint {path}")
 
@@ -528,7 +535,9 @@ class HiggsFinetuneRecipe:
             raise FileNotFoundError(
                 f"resume_from_checkpoint=true but there is no checkpoint under {self.output_dir / 'checkpoints'}"
             )
-        checkpoint = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        checkpoint = load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, frozen_base=self.frozen_base
+        )
         state = checkpoint.training_state
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.loader.sampler.resume_at(checkpoint.epoch, state["global_rows_consumed"])
@@ -549,9 +558,10 @@ class HiggsFinetuneRecipe:
         from ``full_state``, see :meth:`full_state_dict`)."""
         if not self.dist.is_main:
             return
-        # LoRA runs export merged weights (loadable as a plain checkpoint) and the adapter alone.
+        # LoRA runs export merged weights (loadable as a plain checkpoint), merged and written one
+        # tensor at a time, and the adapter alone.
         export_dir = save_hf_checkpoint(
-            merged_state_dict(self.model, full_state), self.model.args, self.output_dir / "hf"
+            merged_tensors(self.model, full_state), self.model.args, self.output_dir / "hf"
         )
         if lora_modules(self.model):
             save_adapter(self.model, self.output_dir / "adapter" / "adapter.safetensors", full_state)
