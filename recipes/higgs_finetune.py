@@ -241,7 +241,9 @@ class HiggsFinetuneRecipe:
         set_trainable(model, finetune.get("mode", "full"))
         # LoRA / audio adapter: checkpoints store only what trains, and the fingerprint of the frozen
         # base it trains on (taken before FSDP shards it); resume refuses another base.
-        source = str(Path(checkpoint_dir).resolve()) if checkpoint_dir is not None else f"random init, seed {cfg.seed}"
+        source = (
+            f"random init, seed {cfg.seed}" if checkpoint_dir is None else str(Path(checkpoint_dir).resolve())
+        )
         self.frozen_base = fingerprint_frozen_base(model, source, model.args.to_hf_config())
         apply_activation_checkpointing(model, enabled=cfg.get("activation_checkpointing", False))
         if self.dist.is_distributed:
@@ -500,8 +502,9 @@ class HiggsFinetuneRecipe:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        """Model and optimizer (torch.distributed.checkpoint: every rank writes its shards), LR schedule,
-        data position, every rank's RNG, step and epoch, atomically under
+        """Model and optimizer (torch.distributed.checkpoint: every rank writes its shards; LoRA and
+        audio-adapter runs: only the trainable parameters, and the frozen base's fingerprint), LR
+        schedule, data position, every rank's RNG, step and epoch, atomically under
         ``<output_dir>/checkpoints/step_<N>``."""
         rng = [rng_state()]
         if self.dist.is_distributed:

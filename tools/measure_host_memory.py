@@ -189,7 +189,9 @@ def print_table(report: dict[str, Any]) -> None:
     print(line)
     for name, size in report["checkpoint_bytes"].items():
         print(f"checkpoint {name}: {size / 2**20:.1f} MiB")
-    print(f"export: {report['export_bytes'] / GIB:.2f} GiB; adapter: {report['adapter_bytes'] / 2**20:.1f} MiB")
+    print(
+        f"export: {report['export_bytes'] / GIB:.2f} GiB; adapter: {report['adapter_bytes'] / 2**20:.1f} MiB"
+    )
 
 
 # ------------------------------------------------------------------------------ a random-weights base

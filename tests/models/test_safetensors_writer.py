@@ -37,7 +37,9 @@ DTYPES = [
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    bits = torch.randint(0, 256, (max(1, int(torch.tensor(shape).prod())) * dtype.itemsize,), generator=generator)
+    bits = torch.randint(
+        0, 256, (max(1, int(torch.tensor(shape).prod())) * dtype.itemsize,), generator=generator
+    )
     raw = bits.to(torch.uint8)
     if dtype == torch.bool:
         return (raw[: int(torch.tensor(shape).prod())] % 2).bool().reshape(shape)
@@ -108,7 +110,9 @@ def lora_model() -> torch.nn.Module:
 def test_streamed_lora_export_equals_the_merged_in_memory_export_bit_for_bit(tmp_path: Path, max_shard_bytes):
     model = lora_model()
     previous_export(merged_state_dict(model), model.args, tmp_path / "previous", max_shard_bytes)
-    export = save_hf_checkpoint(merged_tensors(model), model.args, tmp_path / "streamed", max_shard_bytes=max_shard_bytes)
+    export = save_hf_checkpoint(
+        merged_tensors(model), model.args, tmp_path / "streamed", max_shard_bytes=max_shard_bytes
+    )
     weights = sorted(p.name for p in export.glob("*.safetensors"))
     assert weights == sorted(p.name for p in (tmp_path / "previous").glob("*.safetensors"))
     assert (len(weights) > 1) == (max_shard_bytes == 200_000)

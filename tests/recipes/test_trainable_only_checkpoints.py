@@ -22,7 +22,10 @@ pytestmark = pytest.mark.slow
 
 LORA_TARGETS = ["q_proj", "v_proj", "audio_mlp"]
 MODES = {
-    "lora": ("finetune.mode=lora", f"finetune.lora={{targets: [{', '.join(LORA_TARGETS)}], rank: 4, alpha: 8}}"),
+    "lora": (
+        "finetune.mode=lora",
+        f"finetune.lora={{targets: [{', '.join(LORA_TARGETS)}], rank: 4, alpha: 8}}",
+    ),
     "audio_adapter": ("finetune.mode=audio_adapter", "finetune.lora=null"),
 }
 
@@ -41,7 +44,9 @@ def stored(checkpoint: Path) -> tuple[set[str], set[str]]:
     """(model parameter names, parameter names with optimizer state) stored in a DCP checkpoint."""
     keys = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     params = {k.removeprefix("model.") for k in keys if k.startswith("model.")}
-    moments = {k.removeprefix("optimizer.state.").rsplit(".", 1)[0] for k in keys if k.startswith("optimizer.state.")}
+    moments = {
+        k.removeprefix("optimizer.state.").rsplit(".", 1)[0] for k in keys if k.startswith("optimizer.state.")
+    }
     return params, moments
 
 
@@ -64,7 +69,9 @@ def test_checkpoint_holds_only_what_trains_and_resumes_exactly(tmp_path: Path, s
         assert all(".lora_a." in name or ".lora_b." in name for name in params)
     assert "embed_tokens.weight" not in params and "layers.0.self_attn.q_proj.weight" not in params
     meta = json.loads((step_3 / "meta.json").read_text())
-    assert meta["frozen_base"]["source"] == "random init, seed 1234" and len(meta["frozen_base"]["sha256"]) == 64
+    assert (
+        meta["frozen_base"]["source"] == "random init, seed 1234" and len(meta["frozen_base"]["sha256"]) == 64
+    )
     # The size of the trainable parameters and their two fp32 AdamW moments, plus the training state
     # and the DCP index (well under 1 MiB).
     weights_and_moments = 3 * 4 * sum(trainable.values())
@@ -74,7 +81,10 @@ def test_checkpoint_holds_only_what_trains_and_resumes_exactly(tmp_path: Path, s
     result = run_recipe(resumed, synthetic, *common, "resume_from_checkpoint=true")
     assert "at step 3" in result.stderr
     assert losses_by_step(resumed) == {s: expected[s] for s in (4, 5, 6)}  # exact
-    ours, theirs = load_file(resumed / "hf" / "model.safetensors"), load_file(reference / "hf" / "model.safetensors")
+    ours, theirs = (
+        load_file(resumed / "hf" / "model.safetensors"),
+        load_file(reference / "hf" / "model.safetensors"),
+    )
     assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
 
 
@@ -100,12 +110,18 @@ def test_resume_refuses_another_base_and_accepts_a_copy_of_the_same(tmp_path: Pa
     errors = [line for line in result.stderr.splitlines() if "CheckpointError: " in line]
     assert errors, result.stderr[-3000:]
     last = errors[-1]
-    assert f"was trained on the base {bases[0].resolve()}" in last and f"base {bases[1].resolve()} has" in last
+    assert (
+        f"was trained on the base {bases[0].resolve()}" in last and f"base {bases[1].resolve()} has" in last
+    )
 
     moved = shutil.copytree(bases[0], tmp_path / "moved_base")  # the same weights elsewhere: accepted
     result = run_recipe(
-        run, synthetic, *common, "max_steps=4", "resume_from_checkpoint=true", f"checkpointer.checkpoint_dir={moved}"
+        run,
+        synthetic,
+        *common,
+        "max_steps=4",
+        "resume_from_checkpoint=true",
+        f"checkpointer.checkpoint_dir={moved}",
     )
     assert "at step 2" in result.stderr
     assert sorted(losses_by_step(run)) == [1, 2, 3, 4]
-

@@ -205,7 +205,9 @@ def test_trainable_only_checkpoint_refuses_other_trainable_parameters(tmp_path):
     saved["frozen_base"]["sha256"] = base.sha256  # only the parameter check can catch it now
     (path / "meta.json").write_text(json.dumps(saved))
     optimizer = torch.optim.AdamW([model[2].weight], lr=0.01)
-    with pytest.raises(CheckpointError, match=r"other trainable parameters .* 1 unexpected, e.g. \['2.bias'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"other trainable parameters .* 1 unexpected, e.g. \['2.bias'\]"
+    ):
         load_checkpoint(path, model=model, optimizer=optimizer, frozen_base=base)
 
 
