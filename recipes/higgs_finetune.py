@@ -39,6 +39,7 @@ from tqdm import tqdm
 from higgs_tune.config import validate_config
 from higgs_tune.data.dataset import build_dataloader
 from higgs_tune.data.document import AudioLayout
+from higgs_tune.errors import report_user_errors
 from higgs_tune.evaluation import evaluate
 from higgs_tune.generation import (
     GenerationTokens,
@@ -56,6 +57,7 @@ from higgs_tune.models.higgs_audio.lora import (
     apply_lora,
     lora_modules,
     merged_state_dict,
+    merged_tensors,
     save_adapter,
     set_trainable,
 )
@@ -67,6 +69,7 @@ from higgs_tune.models.higgs_audio.qlora import (
 from higgs_tune.models.higgs_audio.transformers_layout import DEFAULT_AUDIO_TOKENIZER
 from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
 from higgs_tune.training.checkpointing import (
+    fingerprint_frozen_base,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -242,6 +245,12 @@ class HiggsFinetuneRecipe:
             if finetune.get("quantize_base") is not None:  # QLoRA: the bases under the adapters in NF4
                 quantize_lora_base_(model, **finetune.quantize_base)
         set_trainable(model, finetune.get("mode", "full"))
+        # LoRA / audio adapter: checkpoints store only what trains, and the fingerprint of the frozen
+        # base it trains on (taken before FSDP shards it); resume refuses another base.
+        source = (
+            f"random init, seed {cfg.seed}" if checkpoint_dir is None else str(Path(checkpoint_dir).resolve())
+        )
+        self.frozen_base = fingerprint_frozen_base(model, source, model.args.to_hf_config())
         apply_activation_checkpointing(model, enabled=cfg.get("activation_checkpointing", False))
         if self.dist.is_distributed:
             if quantized_modules(model):
@@ -504,8 +513,9 @@ class HiggsFinetuneRecipe:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        """Model and optimizer (torch.distributed.checkpoint: every rank writes its shards), LR schedule,
-        data position, every rank's RNG, step and epoch, atomically under
+        """Model and optimizer (torch.distributed.checkpoint: every rank writes its shards; LoRA and
+        audio-adapter runs: only the trainable parameters, and the frozen base's fingerprint), LR
+        schedule, data position, every rank's RNG, step and epoch, atomically under
         ``<output_dir>/checkpoints/step_<N>``."""
         rng = [rng_state()]
         if self.dist.is_distributed:
@@ -527,6 +537,7 @@ class HiggsFinetuneRecipe:
             optimizer=self.optimizer,
             training_state=training_state,
             keep_last=self.cfg.get("keep_last_n_checkpoints", 2),
+            frozen_base=self.frozen_base,
         )
         self._log(f"saved checkpoint {path}")
 
@@ -538,7 +549,9 @@ class HiggsFinetuneRecipe:
             raise FileNotFoundError(
                 f"resume_from_checkpoint=true but there is no checkpoint under {self.output_dir / 'checkpoints'}"
             )
-        checkpoint = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        checkpoint = load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, frozen_base=self.frozen_base
+        )
         state = checkpoint.training_state
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.loader.sampler.resume_at(checkpoint.epoch, state["global_rows_consumed"])
@@ -561,10 +574,11 @@ class HiggsFinetuneRecipe:
         if not self.dist.is_main:
             return
         export = self.cfg.get("export") or {}
-        # LoRA runs export merged weights (loadable as a plain checkpoint) and the adapter alone.
+        # LoRA runs export merged weights (loadable as a plain checkpoint), each merged when it is
+        # written (one tensor at a time), and the adapter alone.
         if full_state is None and quantized_modules(self.model):  # QLoRA: merge into dequantized bases
             full_state = state_dict_with_dequantized_base(self.model)
-        state = merged_state_dict(self.model, full_state)
+        state = merged_tensors(self.model, full_state)
         tokenizer_path = Path(self.cfg.tokenizer.path)
         tokenizer_dir = tokenizer_path if tokenizer_path.is_dir() else tokenizer_path.parent
         if "transformers" in export.get("formats", ["boson"]):
@@ -614,4 +628,5 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    # A data / checkpoint / tokenizer error is one line (tune: error: ...), exit 2; --verbose: traceback.
+    sys.exit(report_user_errors(recipe_main))
