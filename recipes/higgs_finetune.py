@@ -55,6 +55,7 @@ from higgs_tune.models.higgs_audio.builders import build_model, from_checkpoint_
 from higgs_tune.models.higgs_audio.checkpoint import save_hf_checkpoint
 from higgs_tune.models.higgs_audio.lora import (
     apply_lora,
+    freeze_text_only,
     lora_modules,
     merged_state_dict,
     save_adapter,
@@ -103,6 +104,7 @@ class HiggsFinetuneRecipe:
                 raise OSError(f"output_dir {self.output_dir} is not writable: {exc}") from exc
 
         self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.loss_fn = config.instantiate(cfg.loss).to(self.device)  # its buffers (codebook weights)
         self.model = self._setup_model()
         model_config = self.model.args.to_hf_config()
         self.tokenizer.check_against_model_config(model_config)  # special token ids, vocab size
@@ -150,7 +152,6 @@ class HiggsFinetuneRecipe:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
-        self.loss_fn = config.instantiate(cfg.loss).to(self.device)  # its buffers (codebook weights)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, trainable)
         self.lr_scheduler = config.instantiate(
@@ -172,6 +173,7 @@ class HiggsFinetuneRecipe:
             process_group=dist.group.WORLD if self.dist.is_distributed else None,
             reduce_gradients=not self.dist.is_distributed,
             skip_nonfinite=True,  # never train on NaN: a non-finite step updates nothing
+            text_logits=self.loss_fn.text_weight != 0,
             compile_model=not self.blocks_compiled,
             **cfg.get("step_options", {}),
         )
@@ -224,6 +226,7 @@ class HiggsFinetuneRecipe:
                     dropout=lora.get("dropout", 0.0),
                 )
         set_trainable(model, finetune.get("mode", "full"))
+        self._freeze_what_has_no_loss(model)
         if self.dist.is_distributed and cfg.cuda_graphs:
             raise ValueError("cuda_graphs=true is single-process only; set cuda_graphs=false with torchrun")
         # torchtitan's order: activation checkpointing, per-block compile, FSDP2 (LoRA/freezing above).
@@ -238,6 +241,25 @@ class HiggsFinetuneRecipe:
             fsdp=FSDPOptions(**cfg.get("fsdp", {})) if self.dist.is_distributed else None,
         )
         return model
+
+    def _freeze_what_has_no_loss(self, model: torch.nn.Module) -> None:
+        """``loss.text_weight: 0``: the text head is neither computed nor trained, nor is what only it
+        reads (frozen, so no optimizer state, no gradient, no weight decay; the export keeps it unchanged). A codebook weight of 0 is said, not acted
+        on: the audio head is one matrix for all codebooks."""
+        if self.loss_fn.text_weight == 0:
+            frozen = freeze_text_only(model)
+            self._log(
+                f"loss.text_weight=0: the text head is not computed in training steps; it and what only "
+                f"it reads are not trained ({len(frozen)} parameters frozen: {', '.join(frozen)}); the "
+                "export keeps them unchanged; validation still measures the text loss"
+            )
+        weights = self.loss_fn.codebook_weights
+        for k in [] if weights is None else (weights == 0).nonzero().flatten().tolist():
+            self._log(
+                f"loss.codebook_weights[{k}]=0: codebook {k}'s logits are still computed (one audio head for "
+                f"all codebooks) and logged; its rows of the audio head get no gradient from the loss "
+                "(weight decay still applies to them)"
+            )
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:

@@ -237,11 +237,15 @@ class TrainStep:
         return bad > 0
 
 
-def eager_forward_loss(model: nn.Module, loss_fn: nn.Module) -> ForwardLoss:
-    """``(batch, num_text, num_audio) -> LossOutput``: model forward + aligned loss of one micro-batch."""
+def eager_forward_loss(model: nn.Module, loss_fn: nn.Module, text_logits: bool = True) -> ForwardLoss:
+    """``(batch, num_text, num_audio) -> LossOutput``: model forward + aligned loss of one micro-batch
+    (``text_logits=False``: the model skips its text head, for a loss with ``text_weight`` 0)."""
+    if not text_logits and getattr(loss_fn, "text_weight", None) != 0:
+        raise ValueError("the text head can be skipped only for a loss with text_weight 0")
+    forward_kwargs = {} if text_logits else {"text_logits": False}
 
     def forward_loss(batch, num_text, num_audio) -> LossOutput:
-        return loss_fn(model(batch), batch, num_text, num_audio)
+        return loss_fn(model(batch, **forward_kwargs), batch, num_text, num_audio)
 
     return forward_loss
 
@@ -266,6 +270,7 @@ def build_train_step(
     max_grad_norm: float | None = 1.0,
     process_group: dist.ProcessGroup | None = None,
     *,
+    text_logits: bool = True,
     compile_model: bool = True,
     compile_optimizer: bool = False,
     backend: str | Callable = "inductor",
@@ -277,6 +282,8 @@ def build_train_step(
     """The :class:`TrainStep` of ``mode`` (one of :data:`STEP_MODES`, see the module docstring).
 
     Args:
+        text_logits: compute the model's text head (False: only with a loss of ``text_weight`` 0; the
+            caller freezes the head, higgs_tune/models/higgs_audio/lora.py ``freeze_text_only``).
         compile_model: compile and cudagraph modes: compile model + loss as one graph (False: the loss
             alone; the model runs as it is, e.g. with blocks compiled by the model transform).
         compile_optimizer: compile mode: also compile ``optimizer.step`` (needs a tensor LR).
@@ -287,13 +294,13 @@ def build_train_step(
     """
     if mode not in STEP_MODES:
         raise ValueError(f"train step mode {mode!r} is not one of {STEP_MODES}")
-    forward_loss = eager_forward_loss(model, loss_fn)
+    forward_loss = eager_forward_loss(model, loss_fn, text_logits)
     if mode in ("compile", "cudagraph"):
         if compile_model:
             forward_loss = torch.compile(forward_loss, fullgraph=True, backend=backend)
         else:
             compiled_loss = torch.compile(loss_fn, fullgraph=True, backend=backend)
-            forward_loss = eager_forward_loss(model, compiled_loss)
+            forward_loss = eager_forward_loss(model, compiled_loss, text_logits)
     trainable = [p for p in model.parameters() if p.requires_grad]
     forward_backward = None
     optimizer_step = None
