@@ -16,7 +16,7 @@ Alignment: the data pipeline builds the targets ONCE (targets[t] = label of posi
 document); the model returns logits at the positions that have targets; the loss compares logits[i]
 with targets[i]. Nothing here shifts anything. The first batch is checked by the alignment guard.
 
-Outputs (design.md §6): ``<output_dir>/logs`` (TensorBoard), ``<output_dir>/metrics.jsonl``,
+Outputs (README.md, "Monitoring"): ``<output_dir>/logs`` (TensorBoard), ``<output_dir>/metrics.jsonl``,
 ``<output_dir>/config.yaml`` (the resolved config) and ``<output_dir>/hf`` (Boson-loadable export).
 """
 

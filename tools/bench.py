@@ -14,7 +14,7 @@ samples, step for step:
 * reference: Boson's ``HiggsAudioModel`` forward (eager, SDPA attention) on Boson's collated inputs of
   the very samples packed into our step's rows (``prepare_chatml_sample`` + ``HiggsAudioSampleCollator``,
   padded to the longest sample), Boson's reference loss (``higgs_tune.loss.reference.reference_loss``,
-  spec §6.4) on its outputs, ``torch.optim.AdamW``.
+  Boson's formula) on its outputs, ``torch.optim.AdamW``.
 
 Reported per side: tokens/s (non-padding positions of the step / median step time), the median step
 time over ``--steps`` steps after ``--warmup`` steps, peak memory, and on CUDA the MFU (PaLM: 6·N·tokens
@@ -76,7 +76,7 @@ CONFIGS = {
     # Capacities sized for the synthetic mix (per row at most ~680 text / ~480 audio positions,
     # ~60 text targets, ~310 audio-target columns).
     "cpu3b": BenchConfig(128256, 512, 4, 8, 2, 1376, 1024, 1, 704, 512, 128, 384, 120),
-    # The released 3B architecture (spec §1.1), one row of 2048 positions per step.
+    # The released 3B architecture (bosonai/higgs-audio-v2-generation-3B-base config.json), one row of 2048 positions per step.
     "3b": BenchConfig(128256, 3072, 28, 24, 8, 8192, 2048, 1, 1408, 1024, 256, 768, 240),
 }
 

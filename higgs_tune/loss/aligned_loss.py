@@ -1,13 +1,13 @@
 """The aligned loss: text cross-entropy + per-codebook audio cross-entropy, with no shifting.
 
-The packer builds the targets once (``higgs_tune/data/batch.py``, design.md §2.1): ``text_targets[b, t]``
+The packer builds the targets once (``higgs_tune/data/batch.py``; docs/architecture.md, "Data flow and the one shift"): ``text_targets[b, t]``
 is the label of position t+1 and ``audio_targets[b, k, t]`` the label of codebook k at column t+1. The
 model returns logits only at the positions listed in ``batch["text_target_index"]`` and
 ``batch["audio_target_index"]``; this loss gathers the targets at the SAME index tensors and compares
 ``logits[i]`` with ``targets[i]``. Leading shapes must be identical: a mismatch is a ``ValueError`` naming
 both shapes (never trimmed).
 
-Default formula (Boson's reference, spec §6.4)::
+Default formula (Boson's reference, ``higgs_tune/loss/reference.py``)::
 
     loss = text_loss + mean_k codebook_loss[k]
     text_loss        = sum of text CE over valid text targets / N_text
