@@ -234,11 +234,15 @@ def make_our_step(
         kind["implementation"] = "foreach"
     elif optimizer_name == "adamw8bit":
         if kind:
-            raise ValueError(f"--our-optimizer adamw8bit takes none of {sorted(kind)} (mode {mode} on {device})")
+            raise ValueError(
+                f"--our-optimizer adamw8bit takes none of {sorted(kind)} (mode {mode} on {device})"
+            )
         kind["name"] = "adamw8bit"
     elif optimizer_name == "adamw_bf16":
         if kind.get("capturable"):
-            raise ValueError(f"--our-optimizer adamw_bf16 has its own update kernel (mode {mode} on {device})")
+            raise ValueError(
+                f"--our-optimizer adamw_bf16 has its own update kernel (mode {mode} on {device})"
+            )
         kind["moment_dtype"] = "bf16"
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, lr=1e-5, **kind)
@@ -350,7 +354,9 @@ def port_inputs(batch: dict[str, torch.Tensor], codebook_size: int, audio_token_
                 {
                     "input_ids": torch.where(audio, audio_token_id, batch["tokens"][row, pos]),
                     "labels": text_labels,
-                    "audio_input_ids": batch["audio_codes"][row, :, pos].T[audio].clamp(max=codebook_size - 1),
+                    "audio_input_ids": batch["audio_codes"][row, :, pos]
+                    .T[audio]
+                    .clamp(max=codebook_size - 1),
                     "audio_labels": audio_labels[audio],
                 }
             )
@@ -424,7 +430,9 @@ def port_worker(inputs_file: str, use_text_head: bool, threads: int | None) -> N
         optimizer.zero_grad(set_to_none=True)
         loss_value = float(loss.detach())
         print(json.dumps({"loss": loss_value, "step_s": time.perf_counter() - start}), flush=True)
-    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True)
+    print(
+        json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True
+    )
 
 
 class PortSide:
@@ -471,7 +479,9 @@ def start_port_sides(cli) -> dict[str, PortSide]:
     ]
     inputs_file = Path(cli.data_dir) / "port_inputs.pt"
     torch.save({"config": port_config(cfg, args), "batches": batches}, inputs_file)
-    return {side: PortSide(cli.hf_python, inputs_file, head, cli.threads) for side, head in PORT_SIDES.items()}
+    return {
+        side: PortSide(cli.hf_python, inputs_file, head, cli.threads) for side, head in PORT_SIDES.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -627,7 +637,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # (one warm-up + one timed step: the optimizer state exists after the first step).
             # The subprocesses run FIRST: Linux carries a parent's ru_maxrss high-water mark into the
             # children it spawns, so they must start while this process is still small.
-            isolated = {side: run_in_subprocess(side, cli, steps=1, warmup=1) for side in ("reference", *ours)}
+            isolated = {
+                side: run_in_subprocess(side, cli, steps=1, warmup=1) for side in ("reference", *ours)
+            }
             ports = start_port_sides(cli) if cli.hf_python else {}
             result = run_interleaved(cli, ["reference", *ours], ports)
             for side, figures in isolated.items():
@@ -719,7 +731,9 @@ def markdown(result: dict[str, Any]) -> str:
         if side in result:
             r = result[side]
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
-            lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_s']:.3f} | {r[mem_key]:.2f} | {mfu} |")
+            lines.append(
+                f"| {name} | {r['tokens_per_s']:.1f} | {r['step_s']:.3f} | {r[mem_key]:.2f} | {mfu} |"
+            )
     for key, name in (
         ("ratio", "ours / reference"),
         ("ratio_ours_port", "ours / port (text + audio)"),

@@ -390,7 +390,9 @@ class AlignedLoss(nn.Module):
             )
         # Zero targets in the global batch: the term is SUM(nothing) / 1 = 0 (no NaN), still in the graph.
         if text_logits is None:  # no text head computed (text_weight 0): the text terms are 0, unmeasured
-            text_ce_sum = text_z_sum = text_hits = audio_logits.new_zeros((), dtype=_compute_dtype(audio_logits.dtype))
+            text_ce_sum = text_z_sum = text_hits = audio_logits.new_zeros(
+                (), dtype=_compute_dtype(audio_logits.dtype)
+            )
         else:
             text_ce_sum, text_z_sum, text_hits = chunked_text_cross_entropy(
                 text_logits.flatten(0, 1),

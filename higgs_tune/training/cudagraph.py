@@ -87,7 +87,9 @@ class CudaGraphForwardBackward:
 
     def _load(self, batch: Mapping[str, torch.Tensor], num_text: torch.Tensor, num_audio: torch.Tensor):
         if batch.keys() != self._batch.keys():
-            raise ValueError(f"batch fields {sorted(batch)} differ from the captured ones {sorted(self._batch)}")
+            raise ValueError(
+                f"batch fields {sorted(batch)} differ from the captured ones {sorted(self._batch)}"
+            )
         for name, value in batch.items():
             static = self._batch[name]
             if value.shape != static.shape or value.dtype != static.dtype:
@@ -150,7 +152,9 @@ class CapturedOptimizerStep:
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> None:
         self.device = check_cuda(params)
         if not isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
-            raise ValueError(f"capture_optimizer=True supports torch.optim.AdamW/Adam, got {type(optimizer).__name__}")
+            raise ValueError(
+                f"capture_optimizer=True supports torch.optim.AdamW/Adam, got {type(optimizer).__name__}"
+            )
         for i, group in enumerate(optimizer.param_groups):
             if not group["capturable"]:
                 raise ValueError(f"capture_optimizer=True: param group {i} needs capturable=True")

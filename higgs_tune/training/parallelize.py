@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -34,6 +33,8 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
+
+from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

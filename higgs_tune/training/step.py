@@ -163,9 +163,13 @@ class TrainStep:
                 )
             if process_group is not None:
                 raise ValueError("an optimizer in backward does not support data parallelism")
-            missing = [n for n, p in model.named_parameters() if p.requires_grad and p not in optimizer.optimizers]
+            missing = [
+                n for n, p in model.named_parameters() if p.requires_grad and p not in optimizer.optimizers
+            ]
             if missing:
-                raise ValueError(f"trainable parameters without an optimizer in OptimizerInBackward: {missing[:5]}")
+                raise ValueError(
+                    f"trainable parameters without an optimizer in OptimizerInBackward: {missing[:5]}"
+                )
 
     def describe_nonfinite_policy(self) -> str:
         """One line for the log: how a non-finite step is skipped and whether that reads the host."""
