@@ -38,6 +38,7 @@ from torchtune import config, training
 from tqdm import tqdm
 
 from higgs_tune.config import validate_config
+from higgs_tune.data.alignment_guard import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
 from higgs_tune.data.dataset import build_dataloader
 from higgs_tune.data.document import AudioLayout
 from higgs_tune.evaluation import evaluate
@@ -49,7 +50,6 @@ from higgs_tune.generation import (
     generate,
     held_out_speech_prompts,
 )
-from higgs_tune.loss import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
 from higgs_tune.models.audio_decoder import AudioCodecDecoder, write_wav
 from higgs_tune.models.higgs_audio.builders import build_model, from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import save_hf_checkpoint
