@@ -222,6 +222,8 @@ def _check_contract(resolved: dict[str, Any]) -> list[str]:
             f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {resolved.get('on_nonfinite')!r}"
         )
     errors += _check_generation(resolved.get("generation") or {})
+    errors += _check_quantize_base(resolved.get("finetune") or {})
+    errors += _check_export(resolved.get("export") or {})
     fsdp = resolved.get("fsdp")
     if fsdp is not None:  # the optional FSDP2 options (torchrun runs): the fields of FSDPOptions
         from higgs_tune.training.parallelize import FSDPOptions
@@ -238,6 +240,24 @@ def _check_contract(resolved: dict[str, Any]) -> list[str]:
                 errors.append(_first_line(exc))
             if fsdp.get("cpu_offload") and resolved.get("device") != "cuda":
                 errors.append("fsdp.cpu_offload=true needs device=cuda (it offloads from GPU memory)")
+    return errors
+
+
+EXPORT_FORMATS = ("boson", "transformers")
+
+
+def _check_export(export: dict[str, Any]) -> list[str]:
+    """The optional ``export`` node: ``formats`` (a list of EXPORT_FORMATS, ``boson`` always written),
+    ``audio_tokenizer`` (the transformers processor's audio tokenizer, a path or hub id)."""
+    errors = []
+    unknown = sorted(set(export) - {"formats", "audio_tokenizer"})
+    if unknown:
+        errors.append(f"export: unknown keys {unknown} (known: formats, audio_tokenizer)")
+    formats = export.get("formats", ["boson"])
+    if not isinstance(formats, list) or not set(formats) <= set(EXPORT_FORMATS) or "boson" not in formats:
+        errors.append(f"export.formats must be a list of {EXPORT_FORMATS} including 'boson', got {formats!r}")
+    if not isinstance(export.get("audio_tokenizer", ""), str):
+        errors.append(f"export.audio_tokenizer: expected a path or hub id, got {export['audio_tokenizer']!r}")
     return errors
 
 
@@ -279,6 +299,27 @@ def _check_generation(generation: dict[str, Any]) -> list[str]:
                     "(expected a local copy of bosonai/higgs-audio-v2-tokenizer)"
                 )
     return errors
+
+
+def _check_quantize_base(finetune: dict[str, Any]) -> list[str]:
+    """The optional ``finetune.quantize_base`` node (QLoRA): NF4Options fields, LoRA mode only."""
+    from higgs_tune.models.higgs_audio.qlora import NF4Options
+
+    quantize = finetune.get("quantize_base")
+    if quantize is None:
+        return []
+    errors = []
+    if finetune.get("mode") != "lora" or finetune.get("lora") is None:
+        errors.append("finetune.quantize_base (QLoRA) needs finetune.mode=lora and a finetune.lora node")
+    if not isinstance(quantize, dict):
+        return [*errors, f"finetune.quantize_base: expected a mapping of NF4Options fields, got {quantize!r}"]
+    signature_errors = _check_signature(NF4Options, quantize, "finetune.quantize_base", "NF4Options")
+    if not signature_errors:
+        try:
+            NF4Options(**quantize)
+        except ValueError as exc:
+            signature_errors.append(_first_line(exc))
+    return errors + signature_errors
 
 
 def _get_dotted(tree: dict[str, Any], dotted: str) -> tuple[bool, Any]:

@@ -22,7 +22,6 @@ Outputs (README.md, "Monitoring"): ``<output_dir>/logs`` (TensorBoard), ``<outpu
 
 from __future__ import annotations
 
-import json
 import resource
 import shutil
 import sys
@@ -52,7 +51,7 @@ from higgs_tune.generation import (
 )
 from higgs_tune.models.audio_decoder import AudioCodecDecoder, write_wav
 from higgs_tune.models.higgs_audio.builders import build_model, from_checkpoint_dir
-from higgs_tune.models.higgs_audio.checkpoint import save_hf_checkpoint
+from higgs_tune.models.higgs_audio.checkpoint import read_hf_config, save_hf_checkpoint
 from higgs_tune.models.higgs_audio.lora import (
     apply_lora,
     freeze_text_only,
@@ -61,6 +60,12 @@ from higgs_tune.models.higgs_audio.lora import (
     save_adapter,
     set_trainable,
 )
+from higgs_tune.models.higgs_audio.qlora import (
+    quantize_lora_base_,
+    quantized_modules,
+    state_dict_with_dequantized_base,
+)
+from higgs_tune.models.higgs_audio.transformers_layout import DEFAULT_AUDIO_TOKENIZER
 from higgs_tune.training.checkpointing import (
     latest_checkpoint,
     load_checkpoint,
@@ -206,11 +211,9 @@ class HiggsFinetuneRecipe:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
             if checkpoint_dir is not None:
-                # Tokenizer vs checkpoint (special token ids, vocab size) before gigabytes of weights load.
-                config_file = Path(checkpoint_dir) / "config.json"
-                if not config_file.is_file():
-                    raise FileNotFoundError(f"checkpointer.checkpoint_dir: {config_file} does not exist")
-                self.tokenizer.check_against_model_config(json.loads(config_file.read_text()))
+                # Tokenizer vs checkpoint (special token ids, vocab size) before gigabytes of weights load
+                # (Boson's or transformers' layout, told apart by its config.json).
+                self.tokenizer.check_against_model_config(read_hf_config(checkpoint_dir))
                 model = from_checkpoint_dir(checkpoint_dir, dtype=self.dtype, device=self.device)
             else:
                 with training.set_default_dtype(self.dtype):
@@ -225,8 +228,12 @@ class HiggsFinetuneRecipe:
                     alpha=lora.alpha,
                     dropout=lora.get("dropout", 0.0),
                 )
+            if finetune.get("quantize_base") is not None:  # QLoRA: the bases under the adapters in NF4
+                quantize_lora_base_(model, **finetune.quantize_base)
         set_trainable(model, finetune.get("mode", "full"))
         self._freeze_what_has_no_loss(model)
+        if self.dist.is_distributed and quantized_modules(model):
+            raise ValueError("finetune.quantize_base (QLoRA) is single-process; remove it with torchrun")
         if self.dist.is_distributed and cfg.cuda_graphs:
             raise ValueError("cuda_graphs=true is single-process only; set cuda_graphs=false with torchrun")
         # torchtitan's order: activation checkpointing, per-block compile, FSDP2 (LoRA/freezing above).
@@ -244,8 +251,9 @@ class HiggsFinetuneRecipe:
 
     def _freeze_what_has_no_loss(self, model: torch.nn.Module) -> None:
         """``loss.text_weight: 0``: the text head is neither computed nor trained, nor is what only it
-        reads (frozen, so no optimizer state, no gradient, no weight decay; the export keeps it unchanged). A codebook weight of 0 is said, not acted
-        on: the audio head is one matrix for all codebooks."""
+        reads (frozen, so no optimizer state, no gradient, no weight decay; the export keeps it
+        unchanged). A codebook weight of 0 is said, not acted on: the audio head is one matrix for all
+        codebooks."""
         if self.loss_fn.text_weight == 0:
             frozen = freeze_text_only(model)
             self._log(
@@ -571,18 +579,31 @@ class HiggsFinetuneRecipe:
 
     # ------------------------------------------------------------------ export / cleanup
     def save_export(self, full_state: dict[str, torch.Tensor] | None) -> None:
-        """Write ``<output_dir>/hf`` in Boson's layout, with the tokenizer files (rank 0; FSDP runs
-        from ``full_state``, see :meth:`full_state_dict`)."""
+        """Write ``<output_dir>/hf`` in Boson's layout, with the tokenizer files, and, if ``export.formats``
+        lists ``transformers``, ``<output_dir>/hf_transformers`` in transformers' HiggsAudioV2 layout (rank 0;
+        FSDP runs from ``full_state``, see :meth:`full_state_dict`)."""
         if not self.dist.is_main:
             return
+        export = self.cfg.get("export") or {}
         # LoRA runs export merged weights (loadable as a plain checkpoint) and the adapter alone.
-        export_dir = save_hf_checkpoint(
-            merged_state_dict(self.model, full_state), self.model.args, self.output_dir / "hf"
-        )
-        if lora_modules(self.model):
-            save_adapter(self.model, self.output_dir / "adapter" / "adapter.safetensors", full_state)
+        if full_state is None and quantized_modules(self.model):  # QLoRA: merge into dequantized bases
+            full_state = state_dict_with_dequantized_base(self.model)
+        state = merged_state_dict(self.model, full_state)
         tokenizer_path = Path(self.cfg.tokenizer.path)
         tokenizer_dir = tokenizer_path if tokenizer_path.is_dir() else tokenizer_path.parent
+        if "transformers" in export.get("formats", ["boson"]):
+            transformers_dir = save_hf_checkpoint(
+                state,
+                self.model.args,
+                self.output_dir / "hf_transformers",
+                layout="transformers",
+                tokenizer_dir=tokenizer_dir,
+                audio_tokenizer=export.get("audio_tokenizer", DEFAULT_AUDIO_TOKENIZER),
+            )
+            self._log(f"exported {transformers_dir} (transformers layout)")
+        export_dir = save_hf_checkpoint(state, self.model.args, self.output_dir / "hf")
+        if lora_modules(self.model):
+            save_adapter(self.model, self.output_dir / "adapter" / "adapter.safetensors", full_state)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, export_dir / name)

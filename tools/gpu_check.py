@@ -16,6 +16,10 @@ for docs/benchmarks.md.
    inside the step raises. Also reports whether a later step compiled a new graph.
 3. Benchmark: ``tools/bench.py --config 3b --device cuda``: the reference step once, then our ``compile``
    and ``cudagraph`` modes (bf16): tokens/s, step time, peak memory, MFU, ratio to the reference.
+3. Consumer configs: ``configs/rtx24gb_lora.yaml`` and ``configs/rtx16gb_qlora.yaml`` run by the
+   recipe's own class for 20 steps on the 3B architecture with random weights (synthetic data, tiny
+   tokenizer ids): peak ``torch.cuda.max_memory_allocated`` of the set-up and of the 20 steps, next to
+   ``tools/memory_estimate.py``'s figure and the card each config is made for; then the merged export.
 
 Every section is printed (and appended to ``--out``, by default ``$OUT/gpu_check.md`` when ``$OUT`` is
 set) as soon as it is done, so a run cut short by a time limit still reports what it finished.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -215,6 +220,95 @@ def benchmark(report: Report, cli, data_dir: Path) -> None:
         )
 
 
+CONSUMER_CONFIGS = {"rtx24gb_lora": "rtx24gb", "rtx16gb_qlora": "rtx16gb"}  # config -> its card
+# The 3B architecture with the tiny tokenizer's special ids (no real tokenizer needed): bench.py's way.
+ARCH_3B = dict(
+    vocab_size=128256, hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8, head_dim=128,
+    intermediate_size=8192, audio_ffn_hidden_size=3072, audio_ffn_intermediate_size=8192,
+)  # fmt: skip
+
+
+def consumer_config_memory(report: Report, cli, data_dir: Path) -> None:
+    """Each consumer config, 3B with random weights (``--consumer-size tiny``: the tiny model, to test
+    this section on CPU), run by the recipe class: set-up peak, then the peak of ``--consumer-steps``
+    steps (gradient accumulation ``--consumer-accumulation``: the peak does not depend on it, gradients
+    accumulate in place)."""
+    import importlib.util
+
+    import bench
+
+    from higgs_tune.config import load_config
+
+    estimate_tool = bench.load_tool("memory_estimate")
+    spec = importlib.util.spec_from_file_location(
+        "higgs_finetune_recipe", REPO / "recipes" / "higgs_finetune.py"
+    )
+    recipe_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe_module)
+    bench.load_tool("make_synthetic").make_synthetic(data_dir, num_samples=600, num_val=1, seed=0)
+    cuda = cli.device == "cuda"
+    report.add(
+        "",
+        f"### Consumer configs, {cli.consumer_size} model, random weights, {cli.consumer_steps} steps "
+        f"(`python tools/gpu_check.py`)",
+        "",
+        "| config | card | set-up peak (GiB) | training peak (GiB) | estimate (GiB) | s/step | export (s) |",
+        "|---|---|---|---|---|---|---|",
+    )
+    for name, card in CONSUMER_CONFIGS.items():
+        overrides = [
+            f"output_dir={data_dir / name}",
+            f"device={cli.device}",
+            "checkpointer.checkpoint_dir=null",
+            "model=higgs_tune.models.higgs_audio.builders.higgs_audio_tiny",
+            f"tokenizer.path={REPO / 'higgs_tune' / 'assets' / 'tiny_tokenizer' / 'tokenizer.json'}",
+            f"dataset.path={data_dir / 'train.jsonl'}",
+            f"max_steps={cli.consumer_steps}",
+            "epochs=1000",
+            f"gradient_accumulation_steps={cli.consumer_accumulation}",
+            "save_every_n_steps=100000",
+            "eval_every_n_steps=null",
+            "log_every_n_steps=1",
+        ]
+        if cli.consumer_size == "3b":
+            overrides += [f"+model.{key}={value}" for key, value in ARCH_3B.items()]
+        else:  # CPU test of this section: short rows, eager, NF4 scales in blocks the tiny model has
+            overrides += ["seq_len=256", "compile=false", "num_workers=0"]
+            overrides += [f"dataset.{k}_capacity={v}" for k, v in (("text_ffn", 128), ("audio_ffn", 256))]
+            overrides += [
+                f"dataset.{k}_capacity={v}" for k, v in (("text_target", 64), ("audio_target", 256))
+            ]
+            if "qlora" in name:
+                overrides.append("finetune.quantize_base.scaler_block_size=16")
+        try:
+            free_device_memory(torch.device(cli.device))
+            cfg = load_config(REPO / "configs" / f"{name}.yaml", overrides)
+            estimate = estimate_tool.estimate(cfg)["peak_allocated"] / 2**30
+            recipe = recipe_module.HiggsFinetuneRecipe(cfg)
+            recipe.setup()
+            setup_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            recipe.train()
+            seconds = (time.perf_counter() - start) / cli.consumer_steps
+            train_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+            start = time.perf_counter()
+            recipe.save_export(recipe.full_state_dict())  # merged bf16 export (QLoRA: dequantized bases)
+            export_seconds = time.perf_counter() - start
+            recipe.cleanup()
+            del recipe
+            shutil.rmtree(data_dir / name)  # 11 GB of export per config at 3B
+        except Exception as error:  # report and go on: the other config's numbers are still wanted
+            traceback.print_exc()
+            report.add(f"| {name} | {card} | FAILED: {type(error).__name__}: {str(error)[:200]} | | | | |")
+            continue
+        report.add(
+            f"| {name} | {card} | {setup_peak:.2f} | {train_peak:.2f} | {estimate:.2f} | {seconds:.2f} "
+            f"| {export_seconds:.0f} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -223,6 +317,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="also append the report here")
+    parser.add_argument("--skip-consumer", action="store_true", help="skip the consumer-config memory runs")
+    parser.add_argument("--only-consumer", action="store_true", help="only the consumer-config memory runs")
+    parser.add_argument("--consumer-size", choices=("3b", "tiny"), default="3b")
+    parser.add_argument("--consumer-steps", type=int, default=20)
+    parser.add_argument("--consumer-accumulation", type=int, default=1)
     cli = parser.parse_args(argv)
     device = torch.device(cli.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -235,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         report.add(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
+        if cli.only_consumer:
+            consumer_config_memory(report, cli, Path(tmp) / "consumer")
+            return
         start = time.perf_counter()
         rows = numerics(device, Path(tmp) / "numerics")
         report.add(
@@ -258,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         if not cli.skip_bench:
             benchmark(report, cli, Path(tmp) / "bench")
+        if not cli.skip_consumer:
+            consumer_config_memory(report, cli, Path(tmp) / "consumer")
 
 
 if __name__ == "__main__":

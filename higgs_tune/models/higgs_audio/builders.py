@@ -120,7 +120,7 @@ def from_checkpoint_dir(
     device: torch.device | str | None = "cpu",
     **overrides: Any,
 ) -> HiggsAudioModel:
-    """Build the architecture of a Boson checkpoint directory and load its weights
+    """Build the architecture of a checkpoint directory (Boson's or transformers' layout) and load its weights
     (meta build, then materialised from the safetensors: see :func:`checkpoint.load_hf_checkpoint`)."""
     from .checkpoint import load_hf_checkpoint
 

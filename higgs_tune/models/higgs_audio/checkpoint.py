@@ -1,8 +1,10 @@
-"""HF checkpoint adapter: Boson's released Higgs Audio layout in and out (spec §2, design.md §5).
+"""HF checkpoint adapter: Boson's released Higgs Audio layout in and out, and transformers' HiggsAudioV2
+layout (names and config mapped by :mod:`.transformers_layout`), told apart by ``config.json``'s
+``model_type`` (``higgs_audio`` / ``higgs_audio_v2``).
 
-Layout: ``config.json`` (``model_type: higgs_audio``) plus either one ``model.safetensors`` or shards
-with ``model.safetensors.index.json``; keys without a ``model.`` prefix, equal to this project's module
-names. Training-time variants of Boson's PartiallyFrozenEmbedding/Linear
+Boson's layout: ``config.json`` (``model_type: higgs_audio``) plus either one ``model.safetensors`` or
+shards with ``model.safetensors.index.json``; keys without a ``model.`` prefix, equal to this project's
+module names. Training-time variants of Boson's PartiallyFrozenEmbedding/Linear
 (``embed_tokens.embedding_frozen/embedding_trainable.weight``,
 ``audio_decoder_proj.text_lm_head.linear_frozen/linear_trainable.weight``) are merged by concatenation
 on dim 0. Unknown or missing keys are an error that lists them.
@@ -25,10 +27,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from higgs_tune.data.tokenizer import HiggsTokenizer
+
+from . import transformers_layout
 from .config import HiggsAudioModelArgs
 from .model import HiggsAudioModel
 
 CONFIG_NAME = "config.json"
+LAYOUTS = ("boson", "transformers")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -52,15 +58,43 @@ class CheckpointKeyError(KeyError):
         return str(self.args[0])
 
 
-def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Read ``config.json``; raise if missing or not a higgs_audio config."""
+def read_config_json(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Read ``config.json`` of either layout; raise if missing or neither higgs_audio nor higgs_audio_v2."""
     path = Path(checkpoint_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {checkpoint_dir}")
     config = json.loads(path.read_text())
-    if config.get("model_type") != "higgs_audio":
-        raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, expected 'higgs_audio'")
+    if config.get("model_type") not in ("higgs_audio", transformers_layout.MODEL_TYPE):
+        raise ValueError(
+            f"{path}: model_type is {config.get('model_type')!r}, expected 'higgs_audio' (Boson) or "
+            f"{transformers_layout.MODEL_TYPE!r} (transformers)"
+        )
     return config
+
+
+def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Boson's ``config.json`` content for a checkpoint directory in either layout: as stored (Boson's),
+    or mapped from transformers' config through :func:`read_model_args` (transformers')."""
+    config = read_config_json(checkpoint_dir)
+    if transformers_layout.is_transformers_config(config):
+        return read_model_args(checkpoint_dir).to_hf_config()
+    return config
+
+
+def checkpoint_layout(checkpoint_dir: str | Path) -> str:
+    """``"boson"`` or ``"transformers"``, from the directory's ``config.json``."""
+    config = read_config_json(checkpoint_dir)
+    return "transformers" if transformers_layout.is_transformers_config(config) else "boson"
+
+
+def read_model_args(checkpoint_dir: str | Path, **overrides: Any) -> HiggsAudioModelArgs:
+    """The architecture of a checkpoint directory in either layout (a transformers one also needs its
+    ``tokenizer.json``, which holds the ``<|AUDIO|>`` / ``<|audio_eos|>`` ids its config lacks)."""
+    config = read_config_json(checkpoint_dir)
+    if transformers_layout.is_transformers_config(config):
+        tokenizer = HiggsTokenizer.for_checkpoint(checkpoint_dir)
+        return transformers_layout.args_from_transformers_config(config, tokenizer, **overrides)
+    return HiggsAudioModelArgs.from_hf_config(config, **overrides)
 
 
 def _weight_files(checkpoint_dir: Path) -> dict[str, list[str]]:
@@ -85,7 +119,8 @@ def _weight_files(checkpoint_dir: Path) -> dict[str, list[str]]:
 def read_hf_state_dict(
     checkpoint_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, partially-frozen splits merged.
+    """All tensors of a checkpoint directory under our (Boson's) names, partially-frozen splits merged;
+    a transformers-layout directory's keys are renamed.
 
     Each tensor is read directly onto ``device`` and cast to ``dtype`` (if given) one at a time.
     """
@@ -96,6 +131,13 @@ def read_hf_state_dict(
             for key in keys:
                 tensor = f.get_tensor(key)
                 state_dict[key] = tensor if dtype is None else tensor.to(dtype)
+    if checkpoint_layout(checkpoint_dir) == "transformers":
+        if "text_lm_head.weight" not in state_dict:
+            raise CheckpointKeyError(
+                f"{checkpoint_dir} has no text_lm_head.weight (transformers saved the model without "
+                "use_text_head=True); higgs_tune trains the text head and needs it"
+            )
+        return transformers_layout.rename_state_dict(state_dict, to_transformers=False)
     return merge_partially_frozen(state_dict)
 
 
@@ -145,7 +187,8 @@ def load_hf_checkpoint(
     device: torch.device | str = "cpu",
     **overrides: Any,
 ) -> HiggsAudioModel:
-    """Build the model of a Boson checkpoint directory on meta and materialise it from its weights.
+    """Build the model of a checkpoint directory (Boson's or transformers' layout) on meta and
+    materialise it from its weights.
 
     Args:
         checkpoint_dir: directory with config.json and safetensors.
@@ -153,7 +196,7 @@ def load_hf_checkpoint(
         device: target device.
         overrides: :class:`HiggsAudioModelArgs` fields to change (e.g. ``attention="flex"``).
     """
-    args = HiggsAudioModelArgs.from_hf_config(read_hf_config(checkpoint_dir), **overrides)
+    args = read_model_args(checkpoint_dir, **overrides)
     with torch.device("meta"):
         model = HiggsAudioModel(args)
     state_dict = read_hf_state_dict(checkpoint_dir, dtype=dtype, device=device)
@@ -179,8 +222,16 @@ def save_hf_checkpoint(
     output_dir: str | Path,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    layout: str = "boson",
+    tokenizer_dir: str | Path | None = None,
+    audio_tokenizer: str = transformers_layout.DEFAULT_AUDIO_TOKENIZER,
 ) -> Path:
-    """Write Boson's layout: config.json + ``model.safetensors`` or shards + index json.
+    """Write a checkpoint directory: config.json + ``model.safetensors`` or shards + index json.
+
+    ``layout="boson"``: Boson's names and config (``HiggsAudioModel.from_pretrained`` loads it; the caller
+    copies tokenizer files if it wants them). ``layout="transformers"``: transformers' names, config,
+    generation config, processor and tokenizer files (``HiggsAudioV2ForConditionalGeneration`` and
+    ``HiggsAudioV2Processor`` load it; see :mod:`.transformers_layout`).
 
     The directory is written to a temporary sibling and renamed into place (replacing an existing one),
     so a crash never leaves a half-written export.
@@ -191,7 +242,17 @@ def save_hf_checkpoint(
         output_dir: target directory.
         dtype: cast tensors on the way out (None: as they are).
         max_shard_bytes: shard size limit.
+        layout: ``"boson"`` or ``"transformers"``.
+        tokenizer_dir: the folder of the ``tokenizer.json`` (transformers layout only, required there).
+        audio_tokenizer: path or hub id of transformers' HiggsAudioV2TokenizerModel, recorded in the
+            processor config (transformers layout only).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "transformers":
+        if tokenizer_dir is None:
+            raise ValueError("the transformers layout needs tokenizer_dir (its processor files)")
+        transformers_layout.check_expressible(args)
     with torch.device("meta"):
         reference = HiggsAudioModel(args)
     check_keys(state_dict, reference)
@@ -199,6 +260,8 @@ def save_hf_checkpoint(
         k: (v.detach().to(dtype) if dtype is not None else v.detach()).contiguous().cpu()
         for k, v in state_dict.items()
     }
+    if layout == "transformers":
+        tensors = transformers_layout.rename_state_dict(tensors, to_transformers=True)
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
@@ -215,10 +278,15 @@ def save_hf_checkpoint(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
-        config = args.to_hf_config()
-        config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-        config["text_config"]["torch_dtype"] = config["torch_dtype"]
-        (tmp_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        dtype_name = transformers_layout.weight_dtype_name(tensors)
+        if layout == "transformers":
+            transformers_layout.write_transformers_side_files(
+                tmp_dir, args, Path(tokenizer_dir), dtype_name, audio_tokenizer
+            )
+        else:
+            config = args.to_hf_config()
+            config["torch_dtype"] = config["text_config"]["torch_dtype"] = dtype_name
+            (tmp_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         if output_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
             os.replace(output_dir, old / "replaced")
