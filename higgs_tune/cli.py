@@ -11,7 +11,7 @@ torchrun's ``torch.distributed.run`` for ``--nproc_per_node`` & co. It also list
 
 Usage::
 
-    tune run [torchrun options] RECIPE --config CONFIG [key=value | ~key | node=dotted.Component ...]
+    tune run [torchrun options] [--verbose] RECIPE --config CONFIG [key=value | ~key | node=dotted.Component ...]
     tune ls
     tune cp NAME DESTINATION
     tune validate CONFIG [overrides ...]
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import runpy
 import shutil
 import sys
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from higgs_tune.config import ConfigError, load_config, validate_config
+from higgs_tune.errors import TRACEBACK_ENV, UserInputError, tracebacks_requested
 
 PROG = "tune"
 
@@ -126,6 +128,11 @@ def _config_from_recipe_args(recipe_args: list[str]) -> tuple[int, str]:
 
 
 def cmd_run(argv: list[str], registry: Registry) -> int:
+    if "--verbose" in argv:  # neither a torchrun option nor an override: unambiguous anywhere
+        # Data, checkpoint and tokenizer errors (higgs_tune.errors) then show their traceback, in every
+        # process (torchrun's workers inherit the environment).
+        argv = [arg for arg in argv if arg != "--verbose"]
+        os.environ[TRACEBACK_ENV] = "1"
     torchrun_argv, recipe, recipe_args = _split_run_argv(argv)
     recipe_path = resolve_recipe(recipe, registry)
     if recipe_path is None:
@@ -324,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ls" and args.torchtune:
             return _delegate_to_torchtune(["ls"])
         return {"ls": cmd_ls, "cp": cmd_cp, "validate": cmd_validate}[args.command](args, registry)
-    except (CLIError, ConfigError) as exc:
+    except (CLIError, ConfigError, UserInputError) as exc:
+        if isinstance(exc, UserInputError) and tracebacks_requested():
+            raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -262,7 +262,7 @@ def _check_export(export: dict[str, Any]) -> list[str]:
 
 
 def _check_generation(generation: dict[str, Any]) -> list[str]:
-    """The optional ``generation`` node: sampling options, period, audio decoder folder."""
+    """The optional ``generation`` node: sampling options, period, batch size, audio decoder folder."""
     from higgs_tune.generation import SamplingConfig
 
     errors = []
@@ -282,9 +282,10 @@ def _check_generation(generation: dict[str, Any]) -> list[str]:
                     SamplingConfig(**sampling)
                 except ValueError as exc:
                     errors.append(f"generation.sampling: {_first_line(exc)}")
-    every = generation.get("every_n_steps")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every <= 0):
-        errors.append(f"generation.every_n_steps must be a positive int or null, got {every!r}")
+    for key in ("every_n_steps", "batch_size"):
+        value = generation.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            errors.append(f"generation.{key} must be a positive int or null, got {value!r}")
     audio_decoder = generation.get("audio_decoder")
     if audio_decoder is not None:  # Boson's audio tokenizer folder (generated speech -> waveforms)
         if not isinstance(audio_decoder, str):

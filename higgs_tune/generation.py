@@ -1,4 +1,4 @@
-"""Generation of text and audio codes with Boson's inference protocol (spec §7), on OUR model.
+"""Generation of text and audio codes with Boson's inference protocol, on OUR model.
 
 The protocol is the one of ``HiggsAudioModel.generate`` / ``_sample`` in ``boson_multimodal`` (serve engine
 and ``examples/generation.py``), step by step:
@@ -9,7 +9,8 @@ and ``examples/generation.py``), step by step:
 - TEXT mode: the next text token comes from the text head at the last position;
 - after a ``<|audio_out_bos|>``: a new audio segment starts with a forced all-BOS column (no model call is
   needed for it: Boson's forward at that step is discarded);
-- AUDIO mode: each next column comes from the audio logits of the previous column, then
+- AUDIO mode: each next column comes from the audio logits of the previous column (with repetition-aware
+  resampling if ``ras_win_len`` is set, :func:`repetition_aware_resample`), then
   :func:`force_delay_pattern` applies the delay and end-of-stream rules; when the stream has ended the
   text token ``<|audio_eos|>`` is forced;
 - generation stops when the text head produces ``<|eot_id|>`` or ``<|end_of_text|>`` (kept in the
@@ -17,24 +18,29 @@ and ``examples/generation.py``), step by step:
   column, Boson's ``max_new_tokens``).
 
 Context after an audio segment: the segment's LAST column (the one whose sampling ended the stream) is
-part of the prefix, followed by ``<|audio_eos|>`` -- the training layout (spec §5.4, §6.2: that column's
-text logit is trained to predict ``<|audio_eos|>``) and what Boson's ``forward`` sees on the full prefix.
-Boson's KV-cached ``generate`` never feeds that column (the step that samples it switches to text mode
-and feeds only ``<|audio_eos|>``), so its text AFTER a segment can differ from ours; everything up to
-and including that ``<|audio_eos|>`` is identical (tests/generation/test_generation.py).
+part of the prefix, followed by ``<|audio_eos|>`` -- the training layout (the data pipeline trains that
+column's text logit to predict ``<|audio_eos|>``, :mod:`higgs_tune.data.document`) and what Boson's
+``forward`` sees on the full prefix. Boson's KV-cached ``generate`` never feeds that column (the step that
+samples it switches to text mode and feeds only ``<|audio_eos|>``), so its text AFTER a segment can differ
+from ours; everything up to and including that ``<|audio_eos|>`` is identical
+(tests/generation/test_generation.py).
 
 Without the delay pattern (``use_delay_pattern`` false) Boson's protocol has no end-of-stream rule: a
 segment then runs until ``max_new_columns``, here as there.
 
-There is NO KV cache: every step re-runs the whole prefix (prompt + everything generated so far) as a
-one-row packed batch of :mod:`higgs_tune.data.batch` and reads the heads at the last position only. That
-costs O(L^2) per sequence: fine for tiny models and short prompts (tests, smoke checks, listening to a
-checkpoint), not a serving engine.
+Two drivers run the same per-prompt state machine (:class:`_PromptDecoder`):
 
-Not implemented: Boson's repetition-aware sampling (RAS, ``ras_win_len``); results equal Boson's with
-``ras_win_len=None``. Sampling uses the same warpers as transformers (temperature, then top-k, then top-p)
-and one ``torch.multinomial`` call per step on the same shapes as Boson, so with the same seeded
-generator the samples are the same.
+- with a KV cache (default, :mod:`higgs_tune.decoding`): several prompts at once, right-padded into the
+  rows of one prefill forward, then one decode step per position (the heads read at that position only);
+  each prompt stops on its own. The decode step can be compiled (and on CUDA captured as a CUDA graph):
+  ``CachedDecoder(model, ..., compile=True, cuda_graphs=True)``;
+- without (``use_cache=False``), the reference: every step re-runs the whole prefix as a one-row packed
+  batch of :mod:`higgs_tune.data.batch`, O(L^2) per sequence.
+
+Sampling uses the same warpers as transformers (temperature, then top-k, then top-p) and one
+``torch.multinomial`` call per step on the same shapes as Boson (RAS: Boson's extra draw), so with the same
+seeded generator the samples are the same. Every prompt has its own generator, so a prompt's result does
+not depend on the others in its batch.
 """
 
 from __future__ import annotations
@@ -54,8 +60,8 @@ from higgs_tune.data.document import AudioLayout, DocStats, Document, build_docu
 from higgs_tune.data.manifest import read_codes, resolve_codes_path
 from higgs_tune.data.packer import collate_rows
 from higgs_tune.data.tokenizer import HiggsTokenizer
+from higgs_tune.decoding import CachedAudioModel, CachedDecoder
 from higgs_tune.models.higgs_audio.config import HiggsAudioModelArgs
-from higgs_tune.models.higgs_audio.model import HiggsAudioModel
 
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 STOP_TOKEN_NAMES = ("<|eot_id|>", "<|end_of_text|>")
@@ -70,15 +76,21 @@ class GenerationError(RuntimeError):
 class SamplingConfig:
     """How the next token / code is chosen from logits.
 
-    ``greedy=True``: argmax (transformers' ``do_sample=False``; the other fields are ignored). Otherwise
-    sampling after the transformers warpers in their order: temperature, top-k (``None`` = off), top-p
-    (``None`` or 1.0 = off).
+    ``greedy=True``: argmax (transformers' ``do_sample=False``; temperature, top-k and top-p are ignored).
+    Otherwise sampling after the transformers warpers in their order: temperature, top-k (``None`` = off),
+    top-p (``None`` or 1.0 = off).
+
+    ``ras_win_len`` (Boson's repetition-aware sampling, greedy or not; ``None`` = off, the default of
+    Boson's ``HiggsAudioModel.generate``; Boson's serve engine and examples use 7): see
+    :func:`repetition_aware_resample`, with ``ras_win_max_num_repeat`` (Boson's default 2).
     """
 
     greedy: bool = True
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    ras_win_len: int | None = None
+    ras_win_max_num_repeat: int = 2
 
     def __post_init__(self) -> None:
         if not self.temperature > 0.0:
@@ -87,6 +99,10 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if self.ras_win_len is not None and self.ras_win_len < 1:
+            raise ValueError(f"ras_win_len must be >= 1 or None (off), got {self.ras_win_len}")
+        if self.ras_win_max_num_repeat < 1:
+            raise ValueError(f"ras_win_max_num_repeat must be >= 1, got {self.ras_win_max_num_repeat}")
 
 
 def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
@@ -133,6 +149,37 @@ def choose_tokens(
         return logits.argmax(dim=-1)
     probs = warp_logits(logits, sampling).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def repetition_aware_resample(
+    column: torch.Tensor,
+    logits: torch.Tensor,
+    recent_columns: torch.Tensor,
+    max_num_repeat: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Boson's repetition-aware sampling (``_sample_audio_tokens`` with ``ras_win_len``): every codebook
+    whose chosen code already occurs ``max_num_repeat`` times or more in the window of recent audio-out
+    columns is drawn again from the untempered, unfiltered distribution (softmax of the raw logits), with
+    the same generator. Applied before the delay pattern's forcing; the window holds the forced columns
+    of every audio-out segment so far, prompt references included (Boson's ``audio_out_ids``).
+
+    Args:
+        column: [K] int64 codes chosen from ``logits`` (greedy or sampled).
+        logits: [K, C] the raw audio logits of this step.
+        recent_columns: [K, W] the last W audio-out columns (W <= ``ras_win_len``).
+        max_num_repeat: Boson's ``ras_win_max_num_repeat``.
+
+    Returns:
+        [K] int64, on ``logits``' device.
+    """
+    column = column.to(logits.device).clone()
+    repeats = (recent_columns.to(logits.device) == column[:, None]).sum(dim=1)  # [K]
+    rows = torch.nonzero(repeats >= max_num_repeat).squeeze(1)
+    # drawn even when no row repeats (an empty draw), exactly as Boson does
+    resampled = logits.float()[rows].softmax(dim=-1).multinomial(1, replacement=True, generator=generator)
+    column[rows] = resampled.squeeze(1)
+    return column
 
 
 # ---------------------------------------------------------------------------- delay pattern and EOS
@@ -333,12 +380,12 @@ class _Sequence:
         self.audio_in_mask = torch.cat([self.audio_in_mask, self.audio_in_mask.new_tensor([False])])
         self.audio_out_mask = torch.cat([self.audio_out_mask, self.audio_out_mask.new_tensor([is_audio])])
 
-    def batch(self, pad_id: int) -> dict[str, torch.Tensor]:
-        """The sequence as a one-row packed batch (capacities = L), targets all -100."""
+    def document(self) -> Document:
+        """The sequence as a document (targets all -100)."""
         length = len(self)
         num_codebooks = self.audio_codes.shape[0]
         num_audio = int((self.audio_in_mask | self.audio_out_mask).sum())
-        document = Document(
+        return Document(
             tokens=self.tokens,
             audio_codes=self.audio_codes,
             audio_in_mask=self.audio_in_mask,
@@ -347,14 +394,12 @@ class _Sequence:
             audio_targets=torch.full((num_codebooks, length), IGNORE_INDEX, dtype=torch.long),
             stats=DocStats(length, length - num_audio, num_audio, 0, 0),
         )
-        spec = PackingSpec(seq_len=length, batch_size=1, num_codebooks=num_codebooks)
-        return collate_rows([[document]], spec, pad_id)
 
 
 # --------------------------------------------------------------------------------------- generation
 @dataclass
 class GenerationOutput:
-    """What :func:`generate` produced.
+    """What :func:`generate` produced for one prompt.
 
     Attributes:
         text_ids: [n] int64, the generated text stream after the prompt, as Boson's ``input_ids`` tail:
@@ -373,105 +418,300 @@ class GenerationOutput:
     num_steps: int
 
 
-def _last_hidden(
-    model: HiggsAudioModel, sequence: _Sequence, pad_id: int, device: torch.device
-) -> torch.Tensor:
-    """Run the whole prefix; the residual stream at its last position: [1, H] (the heads apply the norm)."""
-    batch = {name: value.to(device) for name, value in sequence.batch(pad_id).items()}
-    return model.hidden_states(batch)[:, -1]
+class _PromptDecoder:
+    """Boson's protocol (module docstring) for one prompt, one step at a time, model-free: :attr:`head`
+    says which head the next step reads (``None``: finished); :meth:`accept` takes that head's logits at
+    the sequence's last position, chooses, and appends the result to :attr:`sequence`. Both drivers
+    (with and without KV cache) run this same state machine.
+
+    Attributes:
+        sequence: prompt + everything generated so far (one position per token or column).
+        num_fed: positions of ``sequence`` already in the KV cache (cached driver only).
+    """
+
+    def __init__(
+        self,
+        prompt: Document,
+        tokens: GenerationTokens,
+        max_new_columns: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> None:
+        if bool(prompt.audio_in_mask[-1] | prompt.audio_out_mask[-1]):
+            raise GenerationError("the prompt ends with an audio column; it must end with a text token")
+        self.tokens, self.max_new_columns = tokens, max_new_columns
+        self.sampling, self.generator = sampling, generator
+        self.sequence = _Sequence(prompt)
+        self.num_fed = 0
+        # every audio-out column so far, prompt references included (Boson's audio_out_ids): the RAS window
+        self.audio_history = prompt.audio_codes[:, prompt.audio_out_mask]  # [K, N]
+        self.last_token = int(prompt.tokens[-1])
+        self.text_ids: list[int] = []
+        self.segments: list[list[torch.Tensor]] = []
+        self.in_audio = False
+        self.delay = DelayState()
+        self.num_steps = 0
+        self.stopped_by: Literal["stop_token", "max_new_columns"] = "max_new_columns"
+        self.done = False
+        self._start_segment_if_due()
+
+    @property
+    def head(self) -> Literal["text", "audio"] | None:
+        if self.done:
+            return None
+        return "audio" if self.in_audio else "text"
+
+    def accept(self, text_logits: torch.Tensor | None, audio_logits: torch.Tensor | None) -> None:
+        """One step from the logits at the last position: text [V] in text mode, audio [K, C] in audio
+        mode (the other may be None); then the model-free steps that follow (a segment's BOS column)."""
+        if self.done:
+            raise RuntimeError("accept() on a finished prompt")
+        self.num_steps += 1
+        if self.in_audio:
+            self._accept_column(audio_logits)
+        else:
+            self._accept_text(text_logits)
+        self._end_step()
+        self._start_segment_if_due()
+
+    def output(self) -> GenerationOutput:
+        audio_columns = [torch.stack(columns, dim=1) for columns in self.segments]
+        return GenerationOutput(
+            text_ids=torch.tensor(self.text_ids, dtype=torch.long),
+            audio_columns=audio_columns,
+            audio_codes=[
+                segment_codes(columns, self.tokens.codebook_size, self.tokens.use_delay_pattern)
+                for columns in audio_columns
+            ],
+            stopped_by=self.stopped_by,
+            num_steps=self.num_steps,
+        )
+
+    def _end_step(self) -> None:
+        if self.stopped_by == "stop_token" or self.num_steps >= self.max_new_columns:
+            self.done = True
+
+    def _start_segment_if_due(self) -> None:
+        """AUDIO_INIT after ``<|audio_out_bos|>``: ``<|AUDIO_OUT|>`` and an all-BOS first column, a step
+        without model call (Boson's forward at that step is discarded)."""
+        if self.done or self.in_audio or self.last_token != self.tokens.audio_out_bos:
+            return
+        self.num_steps += 1
+        column = torch.full((self.tokens.num_codebooks,), self.tokens.stream_bos, dtype=torch.long)
+        self._append_column(column)
+        self.text_ids.append(self.tokens.audio_out)
+        self.segments.append([column])
+        self.in_audio, self.delay, self.last_token = True, DelayState(), self.tokens.audio_out
+        self._end_step()
+
+    def _append_column(self, column: torch.Tensor) -> None:
+        self.sequence.append(self.tokens.audio_out, column)
+        self.audio_history = torch.cat([self.audio_history, column[:, None]], dim=1)
+
+    def _accept_column(self, audio_logits: torch.Tensor) -> None:
+        tokens, sampling = self.tokens, self.sampling
+        column = choose_tokens(audio_logits, sampling, self.generator)  # [K]
+        if sampling.ras_win_len is not None:
+            column = repetition_aware_resample(
+                column,
+                audio_logits,
+                self.audio_history[:, -sampling.ras_win_len :],
+                sampling.ras_win_max_num_repeat,
+                self.generator,
+            )
+        column = column.cpu()
+        ended = False
+        if tokens.use_delay_pattern:
+            column, self.delay, ended = force_delay_pattern(
+                column, self.delay, tokens.stream_bos, tokens.stream_eos
+            )
+        self._append_column(column)
+        self.segments[-1].append(column)
+        if ended:
+            self.sequence.append(tokens.audio_eos, None)
+            self.text_ids.append(tokens.audio_eos)
+            self.in_audio, self.last_token = False, tokens.audio_eos
+
+    def _accept_text(self, text_logits: torch.Tensor) -> None:
+        token = int(choose_tokens(text_logits[None], self.sampling, self.generator)[0])
+        if token in (self.tokens.audio_out, self.tokens.audio_in):
+            raise GenerationError(
+                f"the text head produced the audio placeholder id {token} at step {self.num_steps}; audio "
+                "starts only after <|audio_out_bos|> (is the checkpoint trained with this tokenizer?)"
+            )
+        self.sequence.append(token, None)
+        self.text_ids.append(token)
+        self.last_token = token
+        if token in self.tokens.stop:
+            self.stopped_by = "stop_token"
+
+
+def cache_positions_needed(prompts: Sequence[Document], max_new_columns: int) -> int:
+    """KV-cache slots per row that generating ``max_new_columns`` steps after any of ``prompts`` can fill:
+    one position per step, plus the ``<|audio_eos|>`` appended with each segment's last column (a
+    segment takes at least two steps: its BOS column and one sampled column)."""
+    return max(len(prompt) for prompt in prompts) + max_new_columns + (max_new_columns + 1) // 2
 
 
 @torch.no_grad()
+def generate_batch(
+    model: CachedAudioModel,
+    prompts: Sequence[Document],
+    tokens: GenerationTokens,
+    *,
+    max_new_columns: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    generators: Sequence[torch.Generator | None] | None = None,
+    use_cache: bool = True,
+    decoder: CachedDecoder | None = None,
+    batch_size: int | None = None,
+) -> list[GenerationOutput]:
+    """Generate text and audio after each of ``prompts`` with Boson's protocol (module docstring).
+
+    With the cache (default), ``decoder.batch_size`` prompts at a time share one prefill forward and one
+    decode step per position; each prompt stops on its own (stop token or ``max_new_columns``), finished
+    ones idle at the sink slot until the batch is done. Each prompt's result equals generating it alone.
+
+    Args:
+        model: our model (any device/dtype; put it in eval mode).
+        prompts: from :func:`build_prompt`; each must end with a text token.
+        tokens: ids from :meth:`GenerationTokens.from_tokenizer`.
+        max_new_columns: at most this many decoding steps per prompt (one text token or one audio column).
+        sampling: greedy or sampled choice (and repetition-aware resampling), text and audio alike.
+        generators: one random generator per prompt (sampling and RAS draws), on the model's device;
+            None: torch's global generator.
+        use_cache: False runs the reference path: the whole prefix again at every step (O(L^2)).
+        decoder: a :class:`CachedDecoder` to reuse (its cache must hold :func:`cache_positions_needed`
+            slots); None builds an eager one for these prompts.
+        batch_size: rows of the decoder built when ``decoder`` is None (default: all prompts at once).
+
+    Returns:
+        one :class:`GenerationOutput` per prompt, in order (tensors on the CPU).
+
+    Raises:
+        GenerationError: a prompt ends inside audio, or the text head produced an audio placeholder
+            token (``<|AUDIO|>`` / ``<|AUDIO_OUT|>``) outside the ``<|audio_out_bos|>`` protocol.
+    """
+    if max_new_columns < 1:
+        raise ValueError(f"max_new_columns must be >= 1, got {max_new_columns}")
+    if not prompts:
+        return []
+    generators = [None] * len(prompts) if generators is None else list(generators)
+    if len(generators) != len(prompts):
+        raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
+    decoders = [
+        _PromptDecoder(prompt, tokens, max_new_columns, sampling, generator)
+        for prompt, generator in zip(prompts, generators)
+    ]
+    if not use_cache:
+        device = next(model.parameters()).device
+        for prompt_decoder in decoders:
+            _decode_without_cache(model, prompt_decoder, tokens.pad, device)
+        return [prompt_decoder.output() for prompt_decoder in decoders]
+    needed = cache_positions_needed(prompts, max_new_columns)
+    if decoder is None:
+        rows = min(batch_size or len(prompts), len(prompts))
+        decoder = CachedDecoder(model, batch_size=rows, max_positions=needed)
+    elif decoder.max_positions < needed:
+        raise ValueError(
+            f"the decoder's cache holds {decoder.max_positions} positions, {needed} may be needed"
+        )
+    for start in range(0, len(decoders), decoder.batch_size):
+        _decode_with_cache(decoder, decoders[start : start + decoder.batch_size], tokens)
+    return [prompt_decoder.output() for prompt_decoder in decoders]
+
+
 def generate(
-    model: HiggsAudioModel,
+    model: CachedAudioModel,
     prompt: Document,
     tokens: GenerationTokens,
     *,
     max_new_columns: int,
     sampling: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    decoder: CachedDecoder | None = None,
 ) -> GenerationOutput:
-    """Generate text and audio after ``prompt`` with Boson's protocol (module docstring).
-
-    Args:
-        model: our model (any device/dtype; put it in eval mode).
-        prompt: from :func:`build_prompt`; must end with a text token.
-        tokens: ids from :meth:`GenerationTokens.from_tokenizer`.
-        max_new_columns: at most this many decoding steps (one text token or one audio column each).
-        sampling: greedy or sampled choice, for text and audio alike.
-        generator: random generator for sampling (``torch.multinomial``), on the model's device.
-
-    Returns:
-        :class:`GenerationOutput` (tensors on the CPU).
-
-    Raises:
-        GenerationError: the prompt ends inside audio, or the text head produced an audio placeholder
-            token (``<|AUDIO|>`` / ``<|AUDIO_OUT|>``) outside the ``<|audio_out_bos|>`` protocol.
-    """
-    if max_new_columns < 1:
-        raise ValueError(f"max_new_columns must be >= 1, got {max_new_columns}")
-    if bool(prompt.audio_in_mask[-1] | prompt.audio_out_mask[-1]):
-        raise GenerationError("the prompt ends with an audio column; it must end with a text token")
-    device = next(model.parameters()).device
-    sequence = _Sequence(prompt)
-    last_token = int(prompt.tokens[-1])
-    text_ids: list[int] = []
-    segments: list[list[torch.Tensor]] = []
-    in_audio = False
-    delay = DelayState()
-    stopped_by: Literal["stop_token", "max_new_columns"] = "max_new_columns"
-    step = 0
-    while step < max_new_columns:
-        step += 1
-        if not in_audio and last_token == tokens.audio_out_bos:
-            # AUDIO_INIT: <|AUDIO_OUT|> and an all-BOS first column, no sampling.
-            column = torch.full((tokens.num_codebooks,), tokens.stream_bos, dtype=torch.long)
-            sequence.append(tokens.audio_out, column)
-            text_ids.append(tokens.audio_out)
-            segments.append([column])
-            in_audio, delay, last_token = True, DelayState(), tokens.audio_out
-            continue
-        hidden = _last_hidden(model, sequence, tokens.pad, device)  # [1, H]
-        if in_audio:
-            audio_logits = model.audio_head(hidden)[0]  # [K, C]
-            column = choose_tokens(audio_logits, sampling, generator).cpu()  # [K]
-            ended = False
-            if tokens.use_delay_pattern:
-                column, delay, ended = force_delay_pattern(
-                    column, delay, tokens.stream_bos, tokens.stream_eos
-                )
-            sequence.append(tokens.audio_out, column)
-            segments[-1].append(column)
-            if ended:
-                sequence.append(tokens.audio_eos, None)
-                text_ids.append(tokens.audio_eos)
-                in_audio, last_token = False, tokens.audio_eos
-            continue
-        text_logits = model.text_head(hidden)  # [1, V]
-        token = int(choose_tokens(text_logits, sampling, generator)[0])
-        if token in (tokens.audio_out, tokens.audio_in):
-            raise GenerationError(
-                f"the text head produced the audio placeholder id {token} at step {step}; audio starts "
-                "only after <|audio_out_bos|> (is the checkpoint trained with this tokenizer?)"
-            )
-        sequence.append(token, None)
-        text_ids.append(token)
-        last_token = token
-        if token in tokens.stop:
-            stopped_by = "stop_token"
-            break
-
-    audio_columns = [torch.stack(columns, dim=1) for columns in segments]
-    return GenerationOutput(
-        text_ids=torch.tensor(text_ids, dtype=torch.long),
-        audio_columns=audio_columns,
-        audio_codes=[
-            segment_codes(columns, tokens.codebook_size, tokens.use_delay_pattern)
-            for columns in audio_columns
-        ],
-        stopped_by=stopped_by,
-        num_steps=step,
+    """:func:`generate_batch` for one prompt (same arguments; ``generator`` for that prompt)."""
+    (output,) = generate_batch(
+        model,
+        [prompt],
+        tokens,
+        max_new_columns=max_new_columns,
+        sampling=sampling,
+        generators=[generator],
+        use_cache=use_cache,
+        decoder=decoder,
     )
+    return output
+
+
+def _decode_without_cache(
+    model: CachedAudioModel, prompt_decoder: _PromptDecoder, pad_id: int, device: torch.device
+) -> None:
+    """The reference driver: every step runs the whole prefix as a one-row packed batch of
+    :mod:`higgs_tune.data.batch` and reads the heads at its last position."""
+    while prompt_decoder.head is not None:
+        document = prompt_decoder.sequence.document()
+        spec = PackingSpec(seq_len=len(document), batch_size=1, num_codebooks=document.audio_codes.shape[0])
+        batch = {name: value.to(device) for name, value in collate_rows([[document]], spec, pad_id).items()}
+        hidden = model.hidden_states(batch)[0, -1]  # [H]
+        if prompt_decoder.head == "text":
+            prompt_decoder.accept(model.text_head(hidden), None)
+        else:
+            prompt_decoder.accept(None, model.audio_head(hidden))
+
+
+def _decode_with_cache(
+    decoder: CachedDecoder, prompt_decoders: list[_PromptDecoder], tokens: GenerationTokens
+) -> None:
+    """The cached driver: one prefill of the rows' sequences, then one decode step per position until every
+    row is finished. A row feeds its next unfed position each step (two positions wait after a segment's
+    last column + ``<|audio_eos|>`` and after ``<|audio_out_bos|>`` + the BOS column) and chooses when it
+    has fed them all; finished and spare rows feed a pad token at the sink slot."""
+    rows: list[_PromptDecoder | None] = [
+        *prompt_decoders,
+        *[None] * (decoder.batch_size - len(prompt_decoders)),
+    ]
+    documents = [row.sequence.document() for row in prompt_decoders]
+    num_codebooks = tokens.num_codebooks
+    length = max(len(document) for document in documents)
+    spec = PackingSpec(seq_len=length, batch_size=decoder.batch_size, num_codebooks=num_codebooks)
+    batch = collate_rows(
+        [[document] for document in documents] + [[]] * (len(rows) - len(documents)), spec, tokens.pad
+    )
+    batch["input_pos"] = torch.arange(length).expand(decoder.batch_size, length).clone()  # = cache slots
+    last_index = torch.tensor(
+        [len(document) - 1 for document in documents] + [0] * (len(rows) - len(documents))
+    )
+    text_logits, audio_logits = decoder.prefill(batch, last_index)
+    for b, row in enumerate(prompt_decoders):
+        row.num_fed = len(documents[b])
+        if row.head is not None:
+            row.accept(text_logits[b], audio_logits[b])
+
+    while any(row.head is not None for row in prompt_decoders):
+        step_tokens = torch.full((len(rows),), tokens.pad, dtype=torch.long)
+        columns = torch.zeros(len(rows), num_codebooks, dtype=torch.long)
+        audio_out = torch.zeros(len(rows), dtype=torch.bool)
+        input_pos = torch.full((len(rows),), decoder.sink, dtype=torch.long)
+        with_text = False
+        for b, row in enumerate(rows):
+            if row is None or row.head is None:
+                continue
+            position, sequence = row.num_fed, row.sequence
+            step_tokens[b] = sequence.tokens[position]
+            columns[b] = sequence.audio_codes[:, position]
+            audio_out[b] = sequence.audio_out_mask[position]
+            input_pos[b] = position
+            with_text |= position + 1 == len(sequence) and row.head == "text"
+        text_logits, audio_logits = decoder.decode(step_tokens, columns, audio_out, input_pos, with_text)
+        for b, row in enumerate(rows):
+            if row is None or row.head is None:
+                continue
+            row.num_fed += 1
+            if row.num_fed == len(row.sequence):
+                row.accept(None if text_logits is None else text_logits[b], audio_logits[b])
 
 
 # ------------------------------------------------------------------------------------ held-out prompts

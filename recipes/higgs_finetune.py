@@ -40,13 +40,14 @@ from higgs_tune.config import validate_config
 from higgs_tune.data.alignment_guard import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
 from higgs_tune.data.dataset import build_dataloader
 from higgs_tune.data.document import AudioLayout
+from higgs_tune.errors import report_user_errors
 from higgs_tune.evaluation import evaluate
 from higgs_tune.generation import (
     GenerationTokens,
     SamplingConfig,
     build_prompt,
     code_accuracy,
-    generate,
+    generate_batch,
     held_out_speech_prompts,
 )
 from higgs_tune.models.audio_decoder import AudioCodecDecoder, write_wav
@@ -57,6 +58,7 @@ from higgs_tune.models.higgs_audio.lora import (
     freeze_text_only,
     lora_modules,
     merged_state_dict,
+    merged_tensors,
     save_adapter,
     set_trainable,
 )
@@ -67,6 +69,7 @@ from higgs_tune.models.higgs_audio.qlora import (
 )
 from higgs_tune.models.higgs_audio.transformers_layout import DEFAULT_AUDIO_TOKENIZER
 from higgs_tune.training.checkpointing import (
+    fingerprint_frozen_base,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -232,6 +235,12 @@ class HiggsFinetuneRecipe:
                 quantize_lora_base_(model, **finetune.quantize_base)
         set_trainable(model, finetune.get("mode", "full"))
         self._freeze_what_has_no_loss(model)
+        # LoRA / audio adapter: checkpoints store only what trains, and the fingerprint of the frozen
+        # base it trains on (taken before FSDP shards it); resume refuses another base.
+        source = (
+            f"random init, seed {cfg.seed}" if checkpoint_dir is None else str(Path(checkpoint_dir).resolve())
+        )
+        self.frozen_base = fingerprint_frozen_base(model, source, model.args.to_hf_config())
         if self.dist.is_distributed and quantized_modules(model):
             raise ValueError("finetune.quantize_base (QLoRA) is single-process; remove it with torchrun")
         if self.dist.is_distributed and cfg.cuda_graphs:
@@ -450,8 +459,9 @@ class HiggsFinetuneRecipe:
         )
 
     def generate_held_out(self, full_state: dict[str, torch.Tensor] | None) -> None:
-        """Speak the first ``generation.num_prompts`` held-out prompts (rank 0; greedy, or sampled with
-        ``generation.sampling`` from its own generator, so the training RNG is untouched) and report how
+        """Speak the first ``generation.num_prompts`` held-out prompts (rank 0; KV-cached, in batches of
+        ``generation.batch_size``, default 8; greedy, or sampled with ``generation.sampling`` from one
+        generator per prompt, so the training RNG is untouched) and report how
         many of the reference answer's codes the model reproduces; codes (and waveforms) go to
         ``<output_dir>/generations/step_<N>/``. ``full_state``: see :meth:`full_state_dict`."""
         gen_cfg = self.cfg.get("generation")
@@ -465,30 +475,32 @@ class HiggsFinetuneRecipe:
         out_dir = self.output_dir / "generations" / f"step_{self.step:08d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         sampling = SamplingConfig(**(gen_cfg.get("sampling") or {}))  # default: greedy
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator(self.device).manual_seed(gen_cfg.get("seed", self.cfg.seed))
-        accuracies = []
+        held_out_prompts = held_out_speech_prompts(gen_cfg.manifest, gen_cfg.num_prompts)
+        prompts = [
+            build_prompt(h.messages, self.tokenizer, layout, h.context_codes, force_audio=True)
+            for h in held_out_prompts
+        ]
+        seed = gen_cfg.get("seed", self.cfg.seed)  # prompt i draws from its own generator seeded seed + i
+        generators = [torch.Generator(self.device).manual_seed(seed + i) for i in range(len(prompts))]
         was_training = model.training
         model.eval()
-        for index, held_out in enumerate(held_out_speech_prompts(gen_cfg.manifest, gen_cfg.num_prompts)):
-            prompt = build_prompt(
-                held_out.messages, self.tokenizer, layout, held_out.context_codes, force_audio=True
-            )
-            result = generate(
-                model,
-                prompt,
-                tokens,
-                max_new_columns=gen_cfg.max_new_columns,
-                sampling=sampling,
-                generator=generator,
-            )
+        results = generate_batch(
+            model,
+            prompts,
+            tokens,
+            max_new_columns=gen_cfg.max_new_columns,
+            sampling=sampling,
+            generators=generators,
+            batch_size=gen_cfg.get("batch_size", 8),
+        )
+        model.train(was_training)
+        accuracies = []
+        for index, (held_out, result) in enumerate(zip(held_out_prompts, results)):
             generated = result.audio_codes[0] if result.audio_codes else torch.zeros(layout.num_codebooks, 0)
             np.save(out_dir / f"sample_{index:03d}.npy", generated.numpy().astype(np.int16))
             accuracies.append(code_accuracy(generated, held_out.reference_codes[0]))
             if self.audio_decoder is not None:
                 self._log_speech(index, generated, held_out.reference_codes[0], out_dir)
-        model.train(was_training)
         mean = sum(accuracies) / len(accuracies)
         self.metric_logger.log_dict(
             {"generation_code_accuracy": mean, "generation_code_accuracy_per_prompt": accuracies},
@@ -528,8 +540,9 @@ class HiggsFinetuneRecipe:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        """Model and optimizer (torch.distributed.checkpoint: every rank writes its shards), LR schedule,
-        data position, every rank's RNG, step and epoch, atomically under
+        """Model and optimizer (torch.distributed.checkpoint: every rank writes its shards; LoRA and
+        audio-adapter runs: only the trainable parameters, and the frozen base's fingerprint), LR
+        schedule, data position, every rank's RNG, step and epoch, atomically under
         ``<output_dir>/checkpoints/step_<N>``."""
         rng = [rng_state()]
         if self.dist.is_distributed:
@@ -551,6 +564,7 @@ class HiggsFinetuneRecipe:
             optimizer=self.optimizer,
             training_state=training_state,
             keep_last=self.cfg.get("keep_last_n_checkpoints", 2),
+            frozen_base=self.frozen_base,
         )
         self._log(f"saved checkpoint {path}")
 
@@ -562,7 +576,9 @@ class HiggsFinetuneRecipe:
             raise FileNotFoundError(
                 f"resume_from_checkpoint=true but there is no checkpoint under {self.output_dir / 'checkpoints'}"
             )
-        checkpoint = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        checkpoint = load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, frozen_base=self.frozen_base
+        )
         state = checkpoint.training_state
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.loader.sampler.resume_at(checkpoint.epoch, state["global_rows_consumed"])
@@ -585,10 +601,11 @@ class HiggsFinetuneRecipe:
         if not self.dist.is_main:
             return
         export = self.cfg.get("export") or {}
-        # LoRA runs export merged weights (loadable as a plain checkpoint) and the adapter alone.
+        # LoRA runs export merged weights (loadable as a plain checkpoint), each merged when it is
+        # written (one tensor at a time), and the adapter alone.
         if full_state is None and quantized_modules(self.model):  # QLoRA: merge into dequantized bases
             full_state = state_dict_with_dequantized_base(self.model)
-        state = merged_state_dict(self.model, full_state)
+        state = merged_tensors(self.model, full_state)
         tokenizer_path = Path(self.cfg.tokenizer.path)
         tokenizer_dir = tokenizer_path if tokenizer_path.is_dir() else tokenizer_path.parent
         if "transformers" in export.get("formats", ["boson"]):
@@ -638,4 +655,5 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    # A data / checkpoint / tokenizer error is one line (tune: error: ...), exit 2; --verbose: traceback.
+    sys.exit(report_user_errors(recipe_main))

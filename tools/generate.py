@@ -1,8 +1,9 @@
 """Generate audio codes (and text) from an exported Higgs Audio checkpoint, with Boson's inference protocol.
 
     python tools/generate.py --checkpoint DIR --text "..." [--tokenizer PATH] [--system "..."]
-        [--greedy | --temperature T --top-k K --top-p P] [--seed S] [--max-new-columns N]
-        [--out codes.npy] [--manifest M --index I] [--no-force-audio] [--audio-decoder DIR]
+        [--greedy | --temperature T --top-k K --top-p P] [--ras-win-len W] [--seed S] [--max-new-columns N]
+        [--out codes.npy] [--manifest M --index I | --manifest M --indices I J ...] [--no-force-audio]
+        [--audio-decoder DIR] [--batch-size B] [--compile]
 
 Prompt (``higgs_tune.generation.build_prompt``):
 
@@ -12,18 +13,24 @@ Prompt (``higgs_tune.generation.build_prompt``):
   to its LAST assistant turn (the answer to generate), with their audio items read from the codes files
   (voice cloning references, audio-in prompts). With ``--text`` too, the text replaces the content of
   the last user turn of that context (same voice, new sentence).
+- ``--manifest M --indices I J ...``: several samples, generated together (``--batch-size`` prompts per
+  batch, default all), each with its own stop and its own generator (seed ``--seed`` + its rank in the
+  list); ``--out`` is then a folder: ``<out>/sample_<I>.npy`` (+ ``.wav``).
 
 The prompt ends with ``<|audio_out_bos|>`` (the serve engine's ``force_audio_gen``) unless
 ``--no-force-audio``; then the model decides between text and speech. Generation: greedy by default,
-or sampled; no KV cache (see ``higgs_tune/generation.py``), so this is for small models and short
-outputs, or patience.
+or sampled, with a KV cache (``higgs_tune/generation.py``); ``--compile`` compiles the decode step (and
+on CUDA captures it as CUDA graphs). Repetition-aware sampling is on with Boson's serve-engine defaults
+(``--ras-win-len 7``, at most 2 repeats; ``--ras-win-len 0`` turns it off, as Boson's
+``HiggsAudioModel.generate`` default): its redraws come from the seeded generator, also when greedy.
 
 Writes ``--out`` (default ``codes.npy``): the codes [K, T] of the first generated audio segment
 (delay reverted, stream BOS/EOS dropped, as the serve engine decodes them); further segments go to
 ``<out>.1.npy``, ... With ``--audio-decoder /path/to/higgs-audio-v2-tokenizer`` (a local copy of Boson's
 audio tokenizer: ``config.json`` + ``model.pth``), also writes ``<out>.wav`` (24 kHz, all segments
 concatenated), decoded by ``higgs_tune.models.audio_decoder`` (Boson's decode path, without its HuBERT
-download and torchaudio). The last line of stdout is one JSON object describing the result.
+download and torchaudio). The last line of stdout is one JSON object describing the result (with ``--indices``: ``{"results":
+[...]}``, one object per sample).
 """
 
 from __future__ import annotations
@@ -38,7 +45,16 @@ import torch
 
 from higgs_tune.data.document import AudioLayout
 from higgs_tune.data.tokenizer import HiggsTokenizer
-from higgs_tune.generation import GenerationTokens, SamplingConfig, build_prompt, generate, held_out_prompt
+from higgs_tune.decoding import CachedDecoder
+from higgs_tune.generation import (
+    GenerationOutput,
+    GenerationTokens,
+    SamplingConfig,
+    build_prompt,
+    cache_positions_needed,
+    generate_batch,
+    held_out_prompt,
+)
 from higgs_tune.models.audio_decoder import AudioCodecDecoder, write_wav
 from higgs_tune.models.higgs_audio.builders import from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import read_hf_config
@@ -87,11 +103,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--manifest", type=Path, default=None, help="take the prompt from this manifest")
     parser.add_argument("--index", type=int, default=None, help="sample of --manifest (0-based)")
     parser.add_argument(
+        "--indices", type=int, nargs="+", default=None, help="several samples of --manifest, batched"
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: all)")
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the decode step (CUDA: also capture CUDA graphs)"
+    )
+    parser.add_argument(
         "--greedy", action="store_true", help="argmax decoding (default unless sampling args)"
     )
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument(
+        "--ras-win-len",
+        type=int,
+        default=7,
+        help="repetition-aware sampling window (Boson's serve engine: 7; 0 = off)",
+    )
+    parser.add_argument("--ras-win-max-num-repeat", type=int, default=2, help="RAS: repeats allowed")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     parser.add_argument(
         "--max-new-columns",
@@ -120,8 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
     sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     if args.greedy and sampled:
         parser.error("--greedy excludes --temperature / --top-k / --top-p")
-    if (args.manifest is None) != (args.index is None):
-        parser.error("--manifest and --index go together")
+    if args.index is not None and args.indices is not None:
+        parser.error("--index excludes --indices")
+    indices = args.indices if args.indices is not None else [args.index] if args.index is not None else None
+    if (args.manifest is None) != (indices is None):
+        parser.error("--manifest and --index (or --indices) go together")
     if args.manifest is None and args.text is None:
         parser.error("give --text, or --manifest and --index")
     sampling = SamplingConfig(
@@ -129,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
         temperature=1.0 if args.temperature is None else args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        ras_win_len=args.ras_win_len or None,
+        ras_win_max_num_repeat=args.ras_win_max_num_repeat,
     )
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -140,45 +175,81 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(str(error)) from None
     model = from_checkpoint_dir(args.checkpoint, dtype=dtype, device=device).eval()
     tokens = GenerationTokens.from_tokenizer(tokenizer, model.args)
-    decoder = (
+    audio_decoder = (
         None if args.audio_decoder is None else load_audio_decoder(args.audio_decoder, model.args, device)
     )
 
     if args.manifest is not None:
-        messages, codes = manifest_prompt(args.manifest, args.index, args.text)
+        contexts = [manifest_prompt(args.manifest, index, args.text) for index in indices]
     else:
         messages = [{"role": "system", "content": args.system}, {"role": "user", "content": args.text}]
-        codes = []
-    prompt = build_prompt(
-        messages,
-        tokenizer,
-        AudioLayout.from_model_config(hf_config),
-        codes,
-        force_audio=not args.no_force_audio,
+        contexts = [(messages, [])]
+    layout = AudioLayout.from_model_config(hf_config)
+    prompts = [
+        build_prompt(messages, tokenizer, layout, codes, force_audio=not args.no_force_audio)
+        for messages, codes in contexts
+    ]
+    batch_size = min(args.batch_size or len(prompts), len(prompts))
+    decoder = CachedDecoder(
+        model,
+        batch_size=batch_size,
+        max_positions=cache_positions_needed(prompts, args.max_new_columns),
+        compile=args.compile,
+        cuda_graphs=args.compile and device.type == "cuda",
     )
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    result = generate(
-        model, prompt, tokens, max_new_columns=args.max_new_columns, sampling=sampling, generator=generator
+    results = generate_batch(
+        model,
+        prompts,
+        tokens,
+        max_new_columns=args.max_new_columns,
+        sampling=sampling,
+        generators=[torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(prompts))],
+        decoder=decoder,
     )
+    if args.indices is None:
+        summary = write_result(results[0], len(prompts[0]), args.out, tokenizer, audio_decoder)
+    else:
+        summary = {
+            "results": [
+                {
+                    "index": index,
+                    **write_result(
+                        result, len(prompt), args.out / f"sample_{index}.npy", tokenizer, audio_decoder
+                    ),
+                }
+                for index, prompt, result in zip(indices, prompts, results)
+            ]
+        }
+    print(json.dumps(summary))
+    return summary
 
+
+def write_result(
+    result: GenerationOutput,
+    prompt_positions: int,
+    out: Path,
+    tokenizer: HiggsTokenizer,
+    audio_decoder: AudioCodecDecoder | None,
+) -> dict:
+    """Write one prompt's segments (``out``, ``<out>.1.npy``, ...; ``<out>.wav`` with a decoder); its summary."""
     segments = [codes.numpy().astype(np.int16) for codes in result.audio_codes]
     written = []
     for i, codes in enumerate(segments):
-        path = args.out if i == 0 else args.out.with_suffix(f".{i}.npy")
+        path = out if i == 0 else out.with_suffix(f".{i}.npy")
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, codes)
         written.append(str(path))
     if not segments:
-        print("the model generated no audio segment (see generated_text)", file=sys.stderr)
+        print(f"{out}: the model generated no audio segment (see generated_text)", file=sys.stderr)
     wav = None
-    if decoder is not None and segments:
-        wav = args.out.with_suffix(".wav")
+    if audio_decoder is not None and segments:
+        wav = out.with_suffix(".wav")
         waveform = torch.cat(
-            [decoder(torch.from_numpy(codes.astype(np.int64))[None])[0] for codes in segments]
+            [audio_decoder(torch.from_numpy(codes.astype(np.int64))[None])[0] for codes in segments]
         )
-        write_wav(wav, waveform, decoder.sample_rate)
-    summary = {
-        "prompt_positions": len(prompt),
+        write_wav(wav, waveform, audio_decoder.sample_rate)
+    return {
+        "prompt_positions": prompt_positions,
         "generated_text": tokenizer.decode(result.text_ids.tolist()),
         "generated_text_ids": result.text_ids.tolist(),
         "segments": [list(codes.shape) for codes in segments],
@@ -187,8 +258,6 @@ def main(argv: list[str] | None = None) -> dict:
         "stopped_by": result.stopped_by,
         "num_steps": result.num_steps,
     }
-    print(json.dumps(summary))
-    return summary
 
 
 if __name__ == "__main__":

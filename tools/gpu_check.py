@@ -20,6 +20,10 @@ for docs/benchmarks.md.
    recipe's own class for 20 steps on the 3B architecture with random weights (synthetic data, tiny
    tokenizer ids): peak ``torch.cuda.max_memory_allocated`` of the set-up and of the 20 steps, next to
    ``tools/memory_estimate.py``'s figure and the card each config is made for; then the merged export.
+4. Generation (``tools/bench_generation.py``, ``--skip-generation`` to leave it out): the tiny model in
+   fp32, cache-free reference vs KV-cached eager vs compiled + CUDA-graph decode step (same codes?); then
+   3B in bf16, a 300-column answer to a ~200-position prompt: columns/s at batch 1 and 8, real-time factor
+   at 25 frames/s.
 
 Every section is printed (and appended to ``--out``, by default ``$OUT/gpu_check.md`` when ``$OUT`` is
 set) as soon as it is done, so a run cut short by a time limit still reports what it finished.
@@ -309,10 +313,45 @@ def consumer_config_memory(report: Report, cli, data_dir: Path) -> None:
         )
 
 
+def generation(report: Report) -> None:
+    """tools/bench_generation.py on CUDA: tiny fp32 (all sides, same codes?), then 3B bf16 at batch 1 and 8."""
+    import bench_generation
+
+    report.add(
+        "",
+        "### Generation (`python tools/bench_generation.py --device cuda ...`, 300 columns after ~200 positions)",
+        "",
+        "| config | dtype | side | batch | columns/s | columns/s per prompt | real-time factor | vs reference | same codes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    )
+    runs = [
+        ["--config", "small", "--columns", "40", "--batch-sizes", "1", "4"],
+        ["--config", "3b", "--dtype", "bf16", "--batch-sizes", "1"],
+        ["--config", "3b", "--dtype", "bf16", "--batch-sizes", "8", "--sides", "cached", "compiled"],
+    ]
+    for run in runs:
+        try:
+            free_device_memory(torch.device("cuda"))
+            results = bench_generation.main(["--device", "cuda", *run])
+        except Exception as error:  # report and go on: the other runs' numbers are still wanted
+            traceback.print_exc()
+            report.add(
+                f"| {' '.join(run)} | FAILED: {type(error).__name__}: {str(error)[:200]} | | | | | | | |"
+            )
+            continue
+        for r in results:
+            report.add(
+                f"| {r['config']} | {r['dtype']} | {r['side']} | {r['batch_size']} | {r['columns_per_s']} | "
+                f"{r['columns_per_s_per_prompt']} | {r['real_time_factor']} | {r['speedup_vs_reference']} | "
+                f"{r['same_codes_as_reference']} |"
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--bench-config", default="3b")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
@@ -362,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
             benchmark(report, cli, Path(tmp) / "bench")
         if not cli.skip_consumer:
             consumer_config_memory(report, cli, Path(tmp) / "consumer")
+        if not cli.skip_generation and device.type == "cuda":
+            generation(report)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 
 from higgs_tune.data.batch import IGNORE_INDEX
 from higgs_tune.data.tokenizer import HiggsTokenizer
+from higgs_tune.errors import InvalidInputError
 
 ROLES = ("system", "user", "assistant")
 SAMPLE_KEYS = {"messages", "start_index", "speaker", "misc"}
@@ -34,7 +35,7 @@ TEXT_ITEM_KEYS = {"type", "text"}
 AUDIO_ITEM_KEYS = {"type", "audio_codes", "audio_url", "offset", "duration", "row_id"}
 
 
-class SampleError(ValueError):
+class SampleError(InvalidInputError):
     """A sample that cannot be trained on, with the reason (the dataset adds the file and line)."""
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from higgs_tune.data.chatml import SampleError, TokenizedSample, parse_sample, tokenize_sample
 from higgs_tune.data.document import AudioLayout, DocStats, Document, build_document, document_stats
 from higgs_tune.data.tokenizer import HiggsTokenizer
+from higgs_tune.errors import InvalidInputError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ OnBadSample = Literal["error", "skip"]
 ON_BAD_SAMPLE_POLICIES = ("error", "skip")
 
 
-class BadSampleError(ValueError):
+class BadSampleError(InvalidInputError):
     """A manifest line that cannot be trained on. The message starts with ``<manifest>:<line>:``."""
 
 
@@ -49,7 +50,7 @@ CODES_SUFFIXES = (".npy", ".npz", ".pt")
 NPY_MAGIC = b"\x93NUMPY"
 
 
-class CodesFileError(ValueError):
+class CodesFileError(InvalidInputError):
     """A codes file that cannot be used: missing, unreadable, wrong shape or values out of range."""
 
 
@@ -214,7 +215,7 @@ def scan_manifest(
         raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
     manifest = Path(path)
     if not manifest.is_file():
-        raise FileNotFoundError(f"manifest {manifest} not found")
+        raise MissingInputError(f"manifest {manifest} not found")
     entries: list[ManifestEntry] = []
     skipped: list[str] = []
     num_samples = 0

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from higgs_tune.errors import InvalidInputError, MissingInputError
+
 # Token names of the fields of SpecialTokens (spec §1.2).
 SPECIAL_TOKEN_NAMES = {
     "begin_of_text": "<|begin_of_text|>",
@@ -105,7 +107,7 @@ class HiggsTokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no tokenizer.json at {path}")
+            raise MissingInputError(f"no tokenizer.json at {path}")
         return cls(Tokenizer.from_file(str(file)), source=str(file))
 
     @classmethod
@@ -119,7 +121,7 @@ class HiggsTokenizer:
         try:
             return cls.from_path(checkpoint_dir)
         except FileNotFoundError:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no tokenizer.json at {checkpoint_dir}; the checkpoint directory holds none, pass --tokenizer PATH"
             ) from None
 
@@ -177,6 +179,6 @@ class HiggsTokenizer:
                 f"{text_config['vocab_size']}"
             )
         if problems:
-            raise ValueError(
+            raise InvalidInputError(
                 f"tokenizer {self.source} does not match the model config: " + "; ".join(problems)
             )

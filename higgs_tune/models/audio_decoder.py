@@ -1,6 +1,6 @@
 """The decoding half of Boson's audio tokenizer (``bosonai/higgs-audio-v2-tokenizer``): codes -> waveform.
 
-Boson's ``HiggsAudioTokenizer.decode`` (spec §8), for codes ``[B, K, T]`` (K = 8 codebooks, values
+Boson's ``HiggsAudioTokenizer.decode``, for codes ``[B, K, T]`` (K = 8 codebooks, values
 0..1023, no BOS/EOS, no delay):
 
 1. residual VQ decode: per codebook k, ``embed_k[codes[:, k]]`` ``[B, T, codebook_dim]``, projected by
@@ -20,7 +20,6 @@ never needs it apart) and is checked against Boson's own ``decode`` on the same 
 
 from __future__ import annotations
 
-import json
 import math
 import wave
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from higgs_tune.models.audio_codec_files import CodecSizes, read_codec_folder
 
 
 class Snake1d(nn.Module):
@@ -104,30 +105,20 @@ class AudioCodecDecoder(nn.Module):
     sizes; ``ratios`` and ``sample_rate`` come from its ``config.json``.
     """
 
-    def __init__(
-        self,
-        *,
-        num_codebooks: int,
-        codebook_size: int,
-        codebook_dim: int,
-        quantizer_dim: int,
-        latent_dim: int,
-        channels: int,
-        ratios: list[int],
-        sample_rate: int,
-    ) -> None:
+    def __init__(self, sizes: CodecSizes, channels: int) -> None:
         super().__init__()
-        self.num_codebooks = num_codebooks
-        self.codebook_size = codebook_size
-        self.sample_rate = sample_rate
-        self.hop_length = math.prod(ratios)
+        k, q = sizes.num_codebooks, sizes.quantizer_dim
+        self.num_codebooks = k
+        self.codebook_size = sizes.codebook_size
+        self.sample_rate = sizes.sample_rate
+        self.hop_length = math.prod(sizes.ratios)
         # Residual VQ decode, all codebooks at once: embeddings [K, bins, codebook_dim] and each
         # codebook's output projection [K, quantizer_dim, codebook_dim] (+ bias [K, quantizer_dim]).
-        self.register_buffer("codebook_embeddings", torch.zeros(num_codebooks, codebook_size, codebook_dim))
-        self.project_out_weight = nn.Parameter(torch.zeros(num_codebooks, quantizer_dim, codebook_dim))
-        self.project_out_bias = nn.Parameter(torch.zeros(num_codebooks, quantizer_dim))
-        self.fc_post2 = nn.Linear(quantizer_dim, latent_dim)
-        self.decoder_2 = DACDecoder(latent_dim, channels, ratios)
+        self.register_buffer("codebook_embeddings", torch.zeros(k, sizes.codebook_size, sizes.codebook_dim))
+        self.project_out_weight = nn.Parameter(torch.zeros(k, q, sizes.codebook_dim))
+        self.project_out_bias = nn.Parameter(torch.zeros(k, q))
+        self.fc_post2 = nn.Linear(q, sizes.latent_dim)
+        self.decoder_2 = DACDecoder(sizes.latent_dim, channels, list(sizes.ratios))
 
     @torch.no_grad()
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
@@ -163,88 +154,22 @@ class AudioCodecDecoder(nn.Module):
         Raises FileNotFoundError for a missing file and ValueError for a quantizer this decoder does not
         implement (residual FSQ) or weights that do not match the config.
         """
-        folder = Path(path)
-        config_path, weights_path = folder / "config.json", folder / "model.pth"
-        for required in (config_path, weights_path):
-            if not required.is_file():
-                raise FileNotFoundError(
-                    f"audio decoder: {required} not found (expected Boson's audio tokenizer folder, "
-                    "e.g. a local copy of bosonai/higgs-audio-v2-tokenizer: config.json and model.pth)"
-                )
-        config = json.loads(config_path.read_text())
-        if not isinstance(config.get("bins", 1024), int):
-            raise ValueError(
-                f"{config_path}: bins={config['bins']} is a residual FSQ quantizer; only RVQ is supported"
-            )
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        decode_state = _decode_path_state(state, int(config.get("n_q", 8)), weights_path)
-        embeddings = decode_state["codebook_embeddings"]
-        latent_dim, quantizer_dim = decode_state["fc_post2.weight"].shape
-        if "D" in config and config["D"] != latent_dim:
-            raise ValueError(
-                f"{weights_path}: fc_post2 maps to {latent_dim} channels, config.json says D={config['D']}"
-            )
-        model = cls(
-            num_codebooks=embeddings.shape[0],
-            codebook_size=embeddings.shape[1],
-            codebook_dim=embeddings.shape[2],
-            quantizer_dim=quantizer_dim,
-            latent_dim=latent_dim,
-            channels=decode_state["decoder_2.model.0.weight"].shape[0],
-            ratios=list(config.get("ratios", [8, 5, 4, 2])),
-            sample_rate=int(config.get("sample_rate", 16000)),
-        )
+        files = read_codec_folder(path, "audio decoder")
+        rvq = files.rvq_state()
+        decode_state = {
+            "codebook_embeddings": rvq["codebook_embeddings"],
+            "project_out_weight": rvq["project_out_weight"],
+            "project_out_bias": rvq["project_out_bias"],
+            "fc_post2.weight": files.take("fc_post2.weight"),
+            "fc_post2.bias": files.take("fc_post2.bias"),
+            **files.module_state("decoder_2."),
+        }
+        model = cls(files.sizes(), channels=files.take("decoder_2.model.0.bias").shape[0])
         try:
             model.load_state_dict(decode_state, strict=True)
         except RuntimeError as error:
-            raise ValueError(f"{weights_path} does not match {config_path}: {error}") from None
+            raise ValueError(f"{files.weights_path} does not match {files.config_path}: {error}") from None
         return model.to(device).eval()
-
-
-def _decode_path_state(
-    state: dict[str, torch.Tensor], num_codebooks: int, source: Path
-) -> dict[str, torch.Tensor]:
-    """Boson's ``model.pth`` keys -> this module's: the RVQ layers stacked, weight norm folded; the encoder,
-    the semantic branch and the quantizer's training statistics are left out."""
-
-    def take(key: str) -> torch.Tensor:
-        if key not in state:
-            raise ValueError(f"{source}: no {key!r} (not a Higgs Audio tokenizer checkpoint?)")
-        return state[key].float()
-
-    embeddings, weights, biases = [], [], []
-    for k in range(num_codebooks):
-        layer = f"quantizer.vq.layers.{k}"
-        embed = take(f"{layer}._codebook.embed")  # [bins, codebook_dim]
-        embeddings.append(embed)
-        if f"{layer}.project_out.weight" in state:
-            weights.append(take(f"{layer}.project_out.weight"))
-            biases.append(take(f"{layer}.project_out.bias"))
-        else:  # codebook_dim == quantizer_dim: Boson's project_out is the identity
-            weights.append(torch.eye(embed.shape[1]))
-            biases.append(torch.zeros(embed.shape[1]))
-    out = {
-        "codebook_embeddings": torch.stack(embeddings),
-        "project_out_weight": torch.stack(weights),
-        "project_out_bias": torch.stack(biases),
-        "fc_post2.weight": take("fc_post2.weight"),
-        "fc_post2.bias": take("fc_post2.bias"),
-    }
-    for key in state:
-        if not key.startswith("decoder_2."):
-            continue
-        if key.endswith(".weight_v"):  # torch.nn.utils.weight_norm
-            prefix = key[: -len(".weight_v")]
-            out[f"{prefix}.weight"] = torch._weight_norm(take(key), take(f"{prefix}.weight_g"), 0)
-        elif key.endswith(".parametrizations.weight.original1"):  # torch.nn.utils.parametrizations
-            prefix = key[: -len(".parametrizations.weight.original1")]
-            g = take(f"{prefix}.parametrizations.weight.original0")
-            out[f"{prefix}.weight"] = torch._weight_norm(take(key), g, 0)
-        elif not key.endswith((".weight_g", ".parametrizations.weight.original0")):
-            out[key] = take(key)
-    if "decoder_2.model.0.weight" not in out:
-        raise ValueError(f"{source}: no DAC decoder weights (decoder_2.model.0.*)")
-    return out
 
 
 def write_wav(path: str | Path, waveform: np.ndarray | torch.Tensor, sample_rate: int) -> None:

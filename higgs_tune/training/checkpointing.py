@@ -8,11 +8,19 @@ One checkpoint is a folder ``<output_dir>/checkpoints/step_<N>`` holding::
                                    them back (DCP re-slices FSDP shards for the new world size)
     training_state.pt              rank 0's picklable recipe state: LR scheduler, data position,
                                    every rank's RNG states
-    meta.json                      step, epoch, world size, format version
+    meta.json                      step, epoch, world size, format version, and for a trainable-only
+                                   checkpoint the fingerprint of its frozen base
 
 The same format serves one process (plain tensors) and FSDP runs (DTensor shards): the state dicts come
 from ``torch.distributed.checkpoint.state_dict.get_state_dict``, whose keys are the model's clean
 parameter names (no FSDP / compile / activation-checkpoint wrapper prefixes).
+
+Runs that freeze part of the model (LoRA, audio adapter) save only what trains: the trainable
+parameters and their optimizer state (``StateDictOptions(ignore_frozen_params=True)``), plus a
+:class:`BaseFingerprint` of the frozen weights. At resume the run loads its base as usual (from its
+config), :func:`load_checkpoint` refuses a base whose fingerprint differs and a different set of
+trainable parameters, and loads the trainable state over the base. Full fine-tuning checkpoints hold
+every parameter and carry no fingerprint.
 
 Writes are atomic: all ranks write into a hidden temporary folder that rank 0 renames into place once
 every file is complete, so a crash or a kill during a save never leaves a half-written ``step_<N>``:
@@ -24,6 +32,7 @@ failure (unwritable folder, disk full, a missing, truncated or corrupt file) is 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -43,7 +52,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 FORMAT_VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -63,6 +72,40 @@ class Checkpoint:
     epoch: int
     world_size: int
     training_state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BaseFingerprint:
+    """The frozen weights a trainable-only checkpoint was trained on.
+
+    ``source``: where they came from (the base checkpoint directory, or a random initialisation), for
+    messages; ``sha256``: what identifies them, compared at resume (see :func:`fingerprint_frozen_base`).
+    """
+
+    source: str
+    sha256: str
+
+
+def fingerprint_frozen_base(
+    model: nn.Module, source: str, model_config: dict[str, Any], sample_bytes: int = 64
+) -> BaseFingerprint | None:
+    """Fingerprint the frozen parameters of ``model`` as loaded (before FSDP sharding: plain tensors);
+    None when every parameter trains.
+
+    The hash covers ``model_config`` (the architecture, JSON), then for every frozen parameter in name
+    order its name, dtype, shape and its first ``sample_bytes`` bytes (two bases of one architecture
+    differ there): milliseconds even at 3B, where hashing all weights would read gigabytes.
+    """
+    frozen = sorted((name, p) for name, p in model.named_parameters() if not p.requires_grad)
+    if not frozen:
+        return None
+    digest = hashlib.sha256(json.dumps(model_config, sort_keys=True).encode())
+    for name, param in frozen:
+        digest.update(f"{name}|{param.dtype}|{tuple(param.shape)}|".encode())
+        flat = param.detach().reshape(-1)
+        head = flat[: max(1, sample_bytes // flat.element_size())] if flat.numel() else flat
+        digest.update(head.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return BaseFingerprint(source=source, sha256=digest.hexdigest())
 
 
 def rng_state() -> dict[str, Any]:
@@ -103,11 +146,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     training_state: dict[str, Any],
     keep_last: int = 2,
+    frozen_base: BaseFingerprint | None = None,
 ) -> Path:
     """Write ``root/step_<N>`` atomically, then delete all but the newest ``keep_last`` checkpoints.
 
     Collective when a process group is initialised: every rank calls it; ``training_state`` is taken
-    from rank 0 (gather per-rank values into it first).
+    from rank 0 (gather per-rank values into it first). With ``frozen_base`` (the fingerprint of the
+    frozen parameters) only the trainable parameters and their optimizer state are written.
 
     Raises:
         CheckpointError: on every rank, when any rank cannot write (disk full, permissions); the
@@ -132,7 +177,8 @@ def save_checkpoint(
 
     error = None
     try:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        options = StateDictOptions(ignore_frozen_params=frozen_base is not None)
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
         with _single_process_is_intended():
             dcp.save(
                 {"model": model_state, "optimizer": optimizer_state},
@@ -145,6 +191,8 @@ def save_checkpoint(
         try:
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
             meta = {"format_version": FORMAT_VERSION, "step": step, "epoch": epoch, "world_size": world_size}
+            if frozen_base is not None:
+                meta["frozen_base"] = {"source": frozen_base.source, "sha256": frozen_base.sha256}
             (tmp / META_FILE).write_text(json.dumps(meta))
             _fsync_dir(tmp)
             if final.exists():
@@ -167,29 +215,54 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    frozen_base: BaseFingerprint | None = None,
+) -> Checkpoint:
     """Load the model and optimizer state of the checkpoint folder ``path`` in place (collective), and
     return the rest.
 
+    A trainable-only checkpoint loads over the frozen base the model already holds: ``frozen_base``
+    (this run's fingerprint of it) must equal the one it was saved with, and the model's trainable
+    parameters must be the ones it holds. A full checkpoint loads every parameter.
+
     Raises:
-        CheckpointError: a missing, truncated or corrupt file, named.
+        CheckpointError: a missing, truncated or corrupt file, named; another base; other trainable
+            parameters.
     """
     path = Path(path)
     meta = verify_checkpoint(path)
+    trainable_only = "frozen_base" in meta
+    if trainable_only:
+        _check_frozen_base(path, meta["frozen_base"], frozen_base)
     try:
         training_state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(
             f"cannot read {path / TRAINING_STATE_FILE} (truncated or corrupt?): {exc}"
         ) from exc
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only)
+    )
+    if trainable_only:
+        _check_stored_parameters(path, set(model_state))
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=path, no_dist=_rank_and_world_size()[1] == 1)
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"cannot load model/optimizer state from {path}: {_describe(exc)}") from exc
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        # trainable-only: the frozen base stays as loaded (the stored names were checked above)
+        options=StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only),
+    )
     return Checkpoint(
         path=path,
         step=int(meta["step"]),
@@ -237,6 +310,33 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _check_frozen_base(path: Path, saved: dict[str, str], current: BaseFingerprint | None) -> None:
+    if current is None:
+        raise CheckpointError(
+            f"{path} holds only the trainable parameters of a run on the frozen base {saved['source']}, "
+            "but every parameter of this model trains: resume with the run's finetune settings"
+        )
+    if saved["sha256"] != current.sha256:
+        raise CheckpointError(
+            f"{path} was trained on the base {saved['source']} (fingerprint {saved['sha256'][:12]}), "
+            f"this run's base {current.source} has fingerprint {current.sha256[:12]}: resume with the "
+            "base it was trained on (checkpointer.checkpoint_dir, model, seed and dtype as then)"
+        )
+
+
+def _check_stored_parameters(path: Path, expected: set[str]) -> None:
+    """The model parameters a trainable-only checkpoint stores must be the ones that train now."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    stored = {key.removeprefix("model.") for key in keys if key.startswith("model.")}
+    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} stores other trainable parameters than this run trains (LoRA targets, rank or "
+            f"finetune mode changed?): {len(missing)} missing, e.g. {missing[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}"
+        )
+
+
 def _describe(exc: BaseException) -> str:
     """One line: the exception, or for DCP's CheckpointException the first failing rank's exception."""
     if isinstance(exc, CheckpointException) and exc.failures:

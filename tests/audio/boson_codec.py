@@ -5,18 +5,21 @@ Boson's module cannot be imported as it is on this torch: it imports torchaudio 
 audiotools), and its constructor downloads HuBERT. None of these is on the decode path, so this module
 stands in for them before importing Boson's code:
 
-- ``torchaudio``: an empty module (Boson uses it only to resample for HuBERT, in ``encode``);
+- ``torchaudio``: a module whose ``functional.resample`` is torchaudio's own, executed from its released
+  source (``torchaudio_oracle.py``; Boson uses torchaudio only there, to resample for HuBERT in ``encode``);
 - ``audiotools``: ``AudioSignal`` and ``ml.BaseModel`` names (the DAC file's base classes for its own
   save/load and ``compress``; Boson builds only the DAC ``Encoder``/``Decoder``, plain ``nn.Module``s);
 - ``dac``: the installed descript-audio-codec package without running its ``__init__`` (so
   ``dac.nn.layers``/``dac.nn.quantize``, the real Snake and weight-norm convolutions, load as they are);
 - ``vector_quantize_pytorch.ResidualFSQ``: only for FSQ quantizers, which the released tokenizer is not;
-- ``AutoModel.from_pretrained("bosonai/hubert_base")``: a tiny random HuBERT (the semantic teacher is used
-  only by ``encode``).
+- ``AutoModel.from_pretrained("bosonai/hubert_base")``: a small random HuBERT of HuBERT-base's layout (the
+  same convolutional front end, 20 ms frames at 16 kHz, and hidden size 768, which Boson's tokenizer
+  hard-codes; two transformer layers instead of twelve), saved by :func:`write_hubert_folder` as a
+  stand-in for a local ``bosonai/hubert_base``.
 
-Everything on the decode path (RVQ, ``fc_post2``, the DAC decoder, ``decode`` itself, and
-``load_higgs_audio_tokenizer``) is Boson's and descript's code, unchanged; so is Boson's serve engine
-(:func:`boson_serve_engine`), which imports the tokenizer module.
+Everything else (the DAC encoder and decoder, the semantic encoder, RVQ, ``fc_prior``/``fc_post2``,
+``encode``/``decode`` themselves and ``load_higgs_audio_tokenizer``) is Boson's and descript's code,
+unchanged; so is Boson's serve engine (:func:`boson_serve_engine`), which imports the tokenizer module.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torchaudio_oracle
 from torch import nn
 
-# Boson's released config.json (spec §8).
+# Boson's released config.json (bosonai/higgs-audio-v2-tokenizer).
 RELEASED_CONFIG = {
     "n_filters": 32,
     "D": 256,
@@ -63,7 +67,9 @@ def _import_shims() -> dict[str, types.ModuleType]:
     ml.BaseModel = BaseModel
     audiotools.ml = ml
     audiotools.AudioSignal = type("AudioSignal", (), {})
-    shims = {"torchaudio": types.ModuleType("torchaudio"), "audiotools": audiotools, "audiotools.ml": ml}
+    torchaudio = types.ModuleType("torchaudio")
+    torchaudio.functional = types.SimpleNamespace(resample=torchaudio_oracle.resample)
+    shims = {"torchaudio": torchaudio, "audiotools": audiotools, "audiotools.ml": ml}
     spec = importlib.util.find_spec("dac")
     if spec is None or spec.origin is None:
         raise ImportError("descript-audio-codec is not installed (README: the test install line)")
@@ -115,25 +121,30 @@ def _tiny_hubert(*args, **kwargs) -> nn.Module:
     from transformers import HubertConfig, HubertModel
 
     config = HubertConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(16,),
-        conv_stride=(5,),
-        conv_kernel=(10,),
-        num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2,
+        hidden_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        conv_dim=(32,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=16,
     )
     return HubertModel(config)
+
+
+def write_hubert_folder(folder: Path) -> Path:
+    """The stand-in HuBERT (random weights) saved as a local ``bosonai/hubert_base`` folder would be."""
+    _tiny_hubert().save_pretrained(folder)
+    return folder
 
 
 def write_boson_codec(folder: Path, config: dict | None = None, seed: int = 0) -> nn.Module:
     """Build Boson's ``HiggsAudioTokenizer`` with random weights and save it as Boson publishes it
     (``config.json`` + ``model.pth``, the full state dict) in ``folder``; returns the model.
 
-    The RVQ codebooks start at zero in Boson's code (k-means initialisation at the first training batch),
-    so they are drawn at random here, or every code would decode to the same sound.
+    The RVQ codebooks start at zero in Boson's code (k-means initialisation at the first batch it
+    quantizes, unless ``inited`` is set), so they are drawn at random and marked initialised here, as a
+    trained checkpoint has them; otherwise every code would decode to the same sound.
     """
     module = boson_tokenizer_module()
     config = dict(RELEASED_CONFIG if config is None else config)
@@ -143,6 +154,7 @@ def write_boson_codec(folder: Path, config: dict | None = None, seed: int = 0) -
     with torch.no_grad():
         for layer in model.quantizer.vq.layers:
             layer._codebook.embed.normal_()
+            layer._codebook.inited.fill_(1.0)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     torch.save(model.state_dict(), folder / "model.pth")

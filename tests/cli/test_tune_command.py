@@ -195,6 +195,8 @@ def test_validate_passes_on_every_shipped_config(config: str, capsys):
         ),
         ("generation.sampling={temp: 1}", "generation.sampling: SamplingConfig got an unexpected keyword"),
         ("generation.every_n_steps=0", "generation.every_n_steps must be a positive int or null, got 0"),
+        ("generation.batch_size=0", "generation.batch_size must be a positive int or null, got 0"),
+        ("generation.sampling={ras_win_len: 0}", "generation.sampling: ras_win_len must be >= 1 or None"),
         (
             "generation.audio_decoder=/no/such/tokenizer",
             "generation.audio_decoder: no config.json or model.pth in /no/such/tokenizer",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import wave
@@ -106,7 +107,8 @@ def run_prepare(input_path: Path, out_dir: Path, workers: int) -> dict:
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return {key: summary[key] for key in ("encoded", "reused", "total")}
 
 
 @pytest.mark.parametrize(("kind", "workers"), [("folder", 1), ("ljspeech", 2), ("jsonl", 1)])
@@ -148,18 +150,19 @@ def test_prepare_writes_manifest_and_codes_and_resumes(tmp_path, kind, workers):
     assert np.load(out / "codes" / "utt_c.npy").shape == (8, 4)
 
 
-def test_prepare_names_the_bad_item(tmp_path):
+def test_prepare_names_the_bad_item(tmp_path, capsys):
     prepare = load_tool("prepare")
     input_path = make_input("jsonl", tmp_path)
     (tmp_path / "js" / "audio" / "utt_b.wav").unlink()
-    with pytest.raises(FileNotFoundError, match=r"item utt_b: audio file .*utt_b\.wav not found"):
+    with pytest.raises(prepare.InputError, match=r"1 bad item\(s\) of 3"):
         prepare.prepare(input_path, tmp_path / "out", "test_tools:FakeAudioTokenizer")
+    assert re.search(r"item utt_b: .*utt_b\.wav: audio file not found", capsys.readouterr().err)
     (tmp_path / "speech").mkdir()
     write_wav(tmp_path / "speech" / "lonely.wav", 2, 100)
-    with pytest.raises(FileNotFoundError, match=r"lonely\.wav has no transcript lonely\.txt"):
-        prepare.read_items(tmp_path / "speech")
-    with pytest.raises(ValueError, match="expected 'module:factory' or 'boson:"):
-        prepare.load_audio_tokenizer("no_colon_here")
+    (item,) = prepare.read_items(tmp_path / "speech")
+    assert item.text is None and re.search(r"lonely\.txt: transcript not found", item.problem)
+    with pytest.raises(ValueError, match="expected Boson's audio tokenizer folder .* or 'module:factory'"):
+        prepare.load_encoder("no_colon_here")
 
 
 def test_make_synthetic_is_deterministic_and_learnable(tmp_path):

@@ -7,10 +7,10 @@ model). Every id comes from the project's tiny tokenizer and the tiny model's au
 
 - :func:`boson_prompt_inputs`: the serve engine's prompt (``prepare_chatml_sample`` + assistant header
   [+ ``<|audio_out_bos|>``]) through Boson's collator.
-- :func:`boson_generate_speech`: Boson's ``HiggsAudioModel.generate`` (KV cache, greedy), as the serve
-  engine runs it; the first audio segment as decoder codes.
+- :func:`boson_generate_speech`: Boson's ``HiggsAudioModel.generate`` (KV cache; greedy, or sampled /
+  repetition-aware with a seed), as the serve engine runs it; the first audio segment as decoder codes.
 - :func:`boson_full_prefix_generate`: Boson's protocol step by step, ``forward`` on the whole prefix at
-  every step (no cache), audio columns from Boson's ``_sample_audio_tokens``.
+  every step (no cache), audio columns from Boson's ``_sample_audio_tokens`` (its RAS included).
 """
 
 from __future__ import annotations
@@ -112,10 +112,12 @@ class BosonSpeech:
 
 
 def boson_generate_speech(
-    boson, messages: list[dict], codes: list[np.ndarray], max_new_tokens: int
+    boson, messages: list[dict], codes: list[np.ndarray], max_new_tokens: int, **options
 ) -> BosonSpeech:
-    """Greedy speech for ``messages`` with Boson's ``HiggsAudioModel.generate`` (KV cache), the call the
-    serve engine makes (``ras_win_len`` off), after a prompt that forces speech (``<|audio_out_bos|>``).
+    """Speech for ``messages`` with Boson's ``HiggsAudioModel.generate`` (KV cache), the call the serve
+    engine makes, after a prompt that forces speech (``<|audio_out_bos|>``): greedy with ``ras_win_len``
+    off unless ``options`` (``generate`` keywords: ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+    ``ras_win_len``, ``seed``, ...) say otherwise.
 
     Args:
         boson: a ``boson_multimodal`` ``HiggsAudioModel`` in eval mode.
@@ -127,9 +129,9 @@ def boson_generate_speech(
         **inputs,
         max_new_tokens=max_new_tokens,
         use_cache=True,
-        do_sample=False,
         eos_token_id=list(TOKENS.stop),
         pad_token_id=TOKENS.pad,
+        **{"do_sample": False, **options},
     )
     columns = audio_sequences[0]
     decoder_codes = boson_utils.revert_delay_pattern(columns).clip(0, LAYOUT.codebook_size - 1)[:, 1:-1]
@@ -139,7 +141,7 @@ def boson_generate_speech(
 
 
 def boson_full_prefix_generate(
-    boson, inputs: dict, max_new_columns: int, do_sample: bool, processors, generator
+    boson, inputs: dict, max_new_columns: int, do_sample: bool, processors, generator, ras_win_len=None
 ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
     """Boson's protocol (``_sample``) step by step, but every step runs ``forward`` on the WHOLE prefix
     (no cache); audio columns come from Boson's ``_sample_audio_tokens`` (its delay/EOS rules).
@@ -150,6 +152,7 @@ def boson_full_prefix_generate(
         max_new_columns: step budget (one text token or one audio column per step).
         do_sample: sample (else argmax) after ``processors`` (a transformers ``LogitsProcessorList``).
         generator: ``torch.Generator`` of the sampling.
+        ras_win_len: Boson's repetition-aware sampling window (None: off; ``ras_win_max_num_repeat`` 2).
 
     Returns:
         (generated text ids, audio columns [K, N_i] per segment, the logits each step chose from: text
@@ -163,7 +166,7 @@ def boson_full_prefix_generate(
         audio_out_ids = torch.zeros(K, 0, dtype=torch.long)
     starts = inputs["audio_out_ids_start"].tolist()
     config = GenerationConfig()
-    config.generation_kwargs = {"audio_eos_token_id": TOKENS.audio_eos}
+    config.generation_kwargs = {"audio_eos_token_id": TOKENS.audio_eos, "ras_win_len": ras_win_len}
     segments: list[torch.Tensor] = []
     num_delay, num_remaining = 0, None
     for _ in range(max_new_columns):

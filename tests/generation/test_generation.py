@@ -7,11 +7,14 @@ Oracles:
   ``<|audio_eos|>`` that closes the generated segment. After that point Boson's cached generate is NOT
   comparable: with a KV cache it never feeds the segment's LAST column (the all-EOS column) to the model,
   since the step that sampled it switches to text mode and feeds only ``<|audio_eos|>``. Its context after
-  a segment therefore lacks one column compared with the training layout (spec §5.4/§6.2, where that column
-  is present and predicts ``<|audio_eos|>``). We keep the training layout.
+  a segment therefore lacks one column compared with the training layout (where that column is present and
+  predicts ``<|audio_eos|>``). We keep the training layout.
 - A step-by-step loop over Boson's ``forward`` on the FULL prefix (no cache), choosing audio columns with
   Boson's own ``_sample_audio_tokens`` (delay and EOS rules from Boson's code): equal everything, greedy
   and sampled with the same seeded generator.
+
+Both of our drivers are held to these oracles: the KV-cached one (default) and the cache-free reference
+(``use_cache=False``); repetition-aware sampling (``ras_win_len``) on a model built to repeat.
 
 The tiny model gets a planted end of speech (see :func:`plant_end_of_speech`) so that a segment really
 ends inside the <= 40 generated columns.
@@ -24,6 +27,7 @@ import pytest
 import torch
 from torch import nn
 
+from higgs_tune import generation
 from higgs_tune.data.chatml import parse_sample
 from higgs_tune.data.document import segment_input_codes
 from higgs_tune.generation import (
@@ -39,6 +43,7 @@ from higgs_tune.generation import (
 )
 from higgs_tune.models.higgs_audio.builders import higgs_audio_tiny
 from higgs_tune.models.higgs_audio.checkpoint import save_model
+from higgs_tune.models.kv_cache import KVCache
 
 pytest.importorskip("transformers")
 pytest.importorskip("boson_multimodal")
@@ -55,6 +60,15 @@ from boson_generation import (  # noqa: E402
 )
 from boson_multimodal.model.higgs_audio import HiggsAudioModel as BosonModel  # noqa: E402
 from boson_multimodal.model.higgs_audio import utils as boson_utils  # noqa: E402
+from generation_testing import (  # noqa: E402
+    generate_seeded,
+    plant_end_of_speech,
+    plant_repetition,
+    random_codes,
+    silence_placeholders,
+    text_prompt,
+    voice_clone_prompt,
+)
 from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
 from transformers.generation.logits_process import (  # noqa: E402
     TemperatureLogitsWarper,
@@ -63,39 +77,6 @@ from transformers.generation.logits_process import (  # noqa: E402
 )
 
 MAX_NEW_COLUMNS = 30
-
-
-def random_codes(seed: int, frames: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, LAYOUT.codebook_size, size=(K, frames))
-
-
-def plant_end_of_speech(model: nn.Module, strength: float = 0.3) -> None:
-    """Make codebook 0 emit EOS right after the delay pattern has filled (a deterministic end of speech).
-
-    Hidden dimension 0 of the LAST codebook's embedding is +strength for every id but the stream BOS,
-    -strength for BOS; codebook 0's EOS row of the audio head reads dimension 0 only. So the EOS logit is
-    large and positive exactly at audio columns whose last codebook is no longer the delay filler. Column
-    c is chosen from column c-1, whose last row is BOS up to column K-1 (delay), so columns 0..K do not
-    end the segment, column K+1 does (codebook 0 emits EOS) and K-1 closing columns follow: 2K+1 columns.
-    """
-    stride = model.args.codebook_vocab_size
-    with torch.no_grad():
-        table = model.audio_codebook_embeddings.weight
-        last = slice((K - 1) * stride, K * stride)
-        table[last, 0] = strength
-        table[(K - 1) * stride + BOS, 0] = -strength
-        head = model.audio_decoder_proj.audio_lm_head.weight
-        head[EOS].zero_()
-        head[EOS, 0] = 1.0
-
-
-def silence_placeholders(model: nn.Module) -> None:
-    """Zero the text-head rows of ``<|AUDIO|>`` / ``<|AUDIO_OUT|>``: logit 0 is below the maximum (and
-    outside the top 50) of the ~1000 random logits, so the random model, like a trained one, never emits a
-    bare placeholder (which Boson's protocol cannot continue from)."""
-    with torch.no_grad():
-        for token in (TOKENS.audio_in, TOKENS.audio_out):
-            model.audio_decoder_proj.text_lm_head.weight[token].zero_()
 
 
 @pytest.fixture(scope="module")
@@ -109,41 +90,20 @@ def models(tmp_path_factory):
     return ours, boson
 
 
-def text_prompt() -> tuple[list[dict], list[np.ndarray]]:
-    return [
-        {"role": "system", "content": "Generate audio following instruction."},
-        {"role": "user", "content": "the small cat sees a big dog"},
-    ], []
-
-
-def voice_clone_prompt() -> tuple[list[dict], list[np.ndarray]]:
-    """Audio-in reference in the system turn, an assistant (audio-out) reference exchange, a new user text."""
-    messages = [
-        {
-            "role": "system",
-            "content": [
-                {"type": "text", "text": "Generate audio following instruction.\n\nSPEAKER0: "},
-                {"type": "audio", "audio_codes": "ref_in.npy"},
-            ],
-        },
-        {"role": "user", "content": "one red bird"},
-        {"role": "assistant", "content": {"type": "audio", "audio_codes": "ref_out.npy"}},
-        {"role": "user", "content": "the moon sings"},
-    ]
-    return messages, [random_codes(1, 5), random_codes(2, 4)]
-
-
 PROMPTS = {"text": text_prompt, "voice_clone": voice_clone_prompt}
 
 
-def record_head_outputs(model) -> tuple[list[torch.Tensor], list]:
-    """Record every output of our two heads (in call order) through forward hooks."""
+def record_step_logits(monkeypatch) -> list[torch.Tensor]:
+    """Record the logits every generation step chooses from (text [V] or audio [K * C]), in step order."""
     recorded: list[torch.Tensor] = []
-    heads = (model.audio_decoder_proj.text_lm_head, model.audio_decoder_proj.audio_lm_head)
-    hooks = [
-        head.register_forward_hook(lambda _m, _i, out: recorded.append(out[-1].flatten())) for head in heads
-    ]
-    return recorded, hooks
+    accept = generation._PromptDecoder.accept
+
+    def recording_accept(self, text_logits, audio_logits):
+        recorded.append((audio_logits if self.head == "audio" else text_logits).flatten().cpu())
+        accept(self, text_logits, audio_logits)
+
+    monkeypatch.setattr(generation._PromptDecoder, "accept", recording_accept)
+    return recorded
 
 
 def unmerge(tokens: torch.Tensor, audio: torch.Tensor) -> list[int]:
@@ -171,15 +131,14 @@ def test_prompt_layout_is_the_serve_engine_prompt(name):
         )
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "full_prefix"])
 @pytest.mark.parametrize("name", sorted(PROMPTS))
-def test_greedy_generation_equals_boson(models, name):
+def test_greedy_generation_equals_boson(models, name, use_cache, monkeypatch):
     ours, boson = models
     messages, codes = PROMPTS[name]()
     prompt = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True)
-    recorded, hooks = record_head_outputs(ours)
-    result = generate(ours, prompt, TOKENS, max_new_columns=MAX_NEW_COLUMNS)
-    for hook in hooks:
-        hook.remove()
+    recorded = record_step_logits(monkeypatch)
+    result = generate(ours, prompt, TOKENS, max_new_columns=MAX_NEW_COLUMNS, use_cache=use_cache)
     inputs = boson_prompt_inputs(messages, codes, force_audio=True)
 
     # The planted end of speech: one complete segment of 2K + 1 columns, K - 1 codes per codebook.
@@ -216,14 +175,7 @@ def test_sampled_generation_equals_boson_with_the_same_generator(models):
     messages, codes = voice_clone_prompt()
     sampling = SamplingConfig(greedy=False, temperature=0.8, top_k=50, top_p=0.9)
     prompt = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True)
-    result = generate(
-        ours,
-        prompt,
-        TOKENS,
-        max_new_columns=30,
-        sampling=sampling,
-        generator=torch.Generator().manual_seed(7),
-    )
+    result = generate_seeded(ours, prompt, sampling, 7)
     processors = LogitsProcessorList(
         [TemperatureLogitsWarper(0.8), TopKLogitsWarper(50), TopPLogitsWarper(0.9)]
     )
@@ -237,16 +189,63 @@ def test_sampled_generation_equals_boson_with_the_same_generator(models):
     )
     assert text == result.text_ids.tolist()
     assert [s.tolist() for s in segments] == [c.tolist() for c in result.audio_columns]
-    # sampling really sampled: another seed gives other codes
-    other = generate(
-        ours,
-        prompt,
-        TOKENS,
-        max_new_columns=30,
-        sampling=sampling,
-        generator=torch.Generator().manual_seed(8),
+    # Boson's own generate (KV cache) seeded alike: the same first segment and text through <|audio_eos|>
+    speech = boson_generate_speech(
+        boson, messages, codes, 30, do_sample=True, seed=7, temperature=0.8, top_k=50, top_p=0.9
     )
+    assert torch.equal(speech.columns, result.audio_columns[0])
+    assert speech.text_ids[:2] == result.text_ids[:2].tolist() == [TOKENS.audio_out, TOKENS.audio_eos]
+    # sampling really sampled: another seed gives other codes
+    other = generate_seeded(ours, prompt, sampling, 8)
     assert [c.tolist() for c in other.audio_columns] != [c.tolist() for c in result.audio_columns]
+
+
+@pytest.fixture(scope="module")
+def repeating_models(tmp_path_factory):
+    """Ours and Boson's copy of a tiny model whose every codebook favours code 5 (it repeats)."""
+    torch.manual_seed(1234)
+    ours = higgs_audio_tiny(dtype=torch.float32).eval()
+    silence_placeholders(ours)
+    plant_repetition(ours, code=5)
+    export = save_model(ours, tmp_path_factory.mktemp("ras") / "hf")
+    return ours, BosonModel.from_pretrained(str(export), attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_repetition_aware_sampling_equals_boson(repeating_models, greedy):
+    ours, boson = repeating_models
+    messages, codes = voice_clone_prompt()
+    prompt = build_prompt(messages, TOKENIZER, LAYOUT, codes, force_audio=True)
+    warpers = {} if greedy else {"temperature": 0.8, "top_k": 50}
+    sampling = SamplingConfig(greedy=greedy, ras_win_len=7, **warpers)
+    result = generate_seeded(ours, prompt, sampling, 3)
+    columns = result.audio_columns[0]
+    # built to repeat: greedy without RAS gives 5 for every code after the delay; RAS redraws some of them
+    plain = generate(ours, prompt, TOKENS, max_new_columns=30)
+    started = plain.audio_columns[0][:, 1:][plain.audio_columns[0][:, 1:] != BOS]
+    assert set(started.tolist()) == {5}
+    redrawn = int(((columns != 5) & (columns != BOS)).sum())
+    assert redrawn >= 10, columns
+
+    # 1. Boson's own generate (KV cache) with ras_win_len=7 and the same seed: the same columns
+    speech = boson_generate_speech(
+        boson, messages, codes, 30, do_sample=not greedy, ras_win_len=7, seed=3, top_p=1.0, **warpers
+    )
+    assert torch.equal(speech.columns, columns)
+    assert speech.text_ids == result.text_ids.tolist()
+    # 2. Boson's step-by-step protocol on the full prefix with its RAS: the same everything
+    processors = LogitsProcessorList([] if greedy else [TemperatureLogitsWarper(0.8), TopKLogitsWarper(50)])
+    text, segments, _ = boson_full_prefix_generate(
+        boson,
+        boson_prompt_inputs(messages, codes, force_audio=True),
+        30,
+        do_sample=not greedy,
+        processors=processors,
+        generator=torch.Generator().manual_seed(3),
+        ras_win_len=7,
+    )
+    assert text == result.text_ids.tolist()
+    assert [s.tolist() for s in segments] == [c.tolist() for c in result.audio_columns]
 
 
 def test_warpers_equal_transformers():
@@ -313,10 +312,12 @@ def test_segment_codes_round_trip_the_training_layout():
 
 # ------------------------------------------------------------------- a model whose logits we control
 class ScriptedModel(nn.Module):
-    """Stands in for HiggsAudioModel: the step's logits come from a script keyed by the sequence length.
+    """Stands in for HiggsAudioModel: the logits at a position come from a script keyed by the length of
+    the prefix ending there (its position id + 1), with and without KV cache.
 
-    ``text_script[L]`` / ``audio_script[L]`` give the argmax text token / audio column [K] when the input
-    has L positions; every batch it sees is recorded.
+    ``text_script[L]`` / ``audio_script[L]`` give the argmax text token / audio column [K] at the last
+    position of an L-position prefix (unscripted lengths, e.g. idle rows: all-zero logits); every batch it
+    sees is recorded.
     """
 
     def __init__(self, text_script: dict[int, int], audio_script: dict[int, list[int]]):
@@ -325,25 +326,45 @@ class ScriptedModel(nn.Module):
         self.text_script, self.audio_script = text_script, audio_script
         self.batches: list[dict] = []
 
-    def hidden_states(self, batch):
+    def new_kv_cache(self, batch_size, max_positions):
+        return KVCache(0, 1, 1, batch_size, max_positions, "cpu", torch.float32)
+
+    def hidden_states(self, batch, kv_cache=None):
         self.batches.append({k: v.clone() for k, v in batch.items()})
-        length = batch["tokens"].shape[1]
-        return torch.full((1, length, 1), float(length))
+        return (batch["input_pos"] + 1).float()[..., None]  # [B, L, 1]
+
+    def _scripted(self, hidden, script, shape):
+        lengths = hidden[..., 0].long()
+        logits = torch.zeros(*lengths.shape, *shape)
+        for index in np.ndindex(*lengths.shape):
+            if int(lengths[index]) in script:
+                chosen = torch.tensor(script[int(lengths[index])])
+                logits[index].view(-1, shape[-1])[torch.arange(chosen.numel()), chosen.flatten()] = 1.0
+        return logits
 
     def text_head(self, hidden):
-        length = int(hidden[0, 0])
-        logits = torch.zeros(1, TOKENIZER.vocab_size)
-        logits[0, self.text_script[length]] = 1.0
-        return logits
+        return self._scripted(hidden, self.text_script, (TOKENIZER.vocab_size,))
 
     def audio_head(self, hidden):
-        length = int(hidden[0, 0])
-        logits = torch.zeros(1, K, LAYOUT.codebook_size + 2)
-        logits[0, torch.arange(K), torch.tensor(self.audio_script[length])] = 1.0
-        return logits
+        return self._scripted(hidden, self.audio_script, (K, LAYOUT.codebook_size + 2))
 
 
-def test_delay_eos_and_audio_eos_forcing_on_a_scripted_model():
+def fed_positions(model: ScriptedModel, use_cache: bool) -> list[dict]:
+    """What the model saw: without cache the whole prefix at every step; with it, one prefill and then
+    one position per decode step (checked: slots follow the positions)."""
+    if not use_cache:
+        return model.batches
+    prefill, *steps = model.batches
+    assert torch.equal(prefill["input_pos"][0], torch.arange(prefill["tokens"].shape[1]))
+    for offset, step in enumerate(steps):
+        assert (
+            step["tokens"].shape == (1, 1) and int(step["input_pos"]) == prefill["tokens"].shape[1] + offset
+        )
+    return [prefill] + steps
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "full_prefix"])
+def test_delay_eos_and_audio_eos_forcing_on_a_scripted_model(use_cache):
     messages, _ = text_prompt()
     prompt = build_prompt(messages, TOKENIZER, LAYOUT)
     start = len(prompt)
@@ -361,7 +382,7 @@ def test_delay_eos_and_audio_eos_forcing_on_a_scripted_model():
     # sampled columns 1..6, then K-1-2 = 5 closing columns -> 12 columns; <|audio_eos|> forced with the last
     segment_length = 1 + 6 + (K - 1 - 2)
     text_script[start + 1 + segment_length + 1] = eot
-    result = generate(model, prompt, TOKENS, max_new_columns=50)
+    result = generate(model, prompt, TOKENS, max_new_columns=50, use_cache=use_cache)
 
     columns = result.audio_columns[0]
     expected = torch.full((K, segment_length), BOS, dtype=torch.long)
@@ -382,28 +403,42 @@ def test_delay_eos_and_audio_eos_forcing_on_a_scripted_model():
     assert result.num_steps == 1 + segment_length + 1
     # codes for the decoder: delay reverted, BOS and EOS columns dropped
     assert torch.equal(result.audio_codes[0], segment_codes(columns, LAYOUT.codebook_size))
-    # the model saw one call per sampled column and per text step, each with the full prefix
-    seen = model.batches[-1]
-    assert seen["tokens"].shape == (1, start + 1 + segment_length + 1)
-    assert seen["audio_out_mask"][0].sum() == segment_length
-    assert seen["tokens"][0, -1] == TOKENS.audio_eos
-    assert torch.equal(seen["audio_codes"][0][:, start + 1 : start + 1 + segment_length], columns)
-    assert len(model.batches) == 1 + (segment_length - 1) + 1
+    # the model saw the whole sequence but its final <|eot_id|>: the segment's last column, then <|audio_eos|>
+    seen = fed_positions(model, use_cache)
+    tokens = seen[-1]["tokens"][0] if not use_cache else torch.cat([b["tokens"][0] for b in seen])
+    audio_out = (
+        torch.cat([b["audio_out_mask"][0] for b in seen]) if use_cache else seen[-1]["audio_out_mask"][0]
+    )
+    codes_seen = (
+        torch.cat([b["audio_codes"][0] for b in seen], 1) if use_cache else seen[-1]["audio_codes"][0]
+    )
+    assert tokens.shape == (start + 1 + segment_length + 1,)
+    assert audio_out.sum() == segment_length
+    assert tokens[-1] == TOKENS.audio_eos
+    assert torch.equal(codes_seen[:, start + 1 : start + 1 + segment_length], columns)
+    # without cache: one call per model step (text steps and sampled columns), each with the full prefix;
+    # with it: one prefill, then one decode call per position
+    assert len(model.batches) == (
+        1 + (segment_length - 1) + 1 if not use_cache else 1 + 1 + segment_length + 1
+    )
 
 
-def test_generation_stops_at_max_new_columns_and_rejects_bare_placeholders():
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "full_prefix"])
+def test_generation_stops_at_max_new_columns_and_rejects_bare_placeholders(use_cache):
     messages, _ = text_prompt()
     prompt = build_prompt(messages, TOKENIZER, LAYOUT, force_audio=True)
     start = len(prompt)
     model = ScriptedModel({}, {start + 1 + c: [7] * K for c in range(10)})
-    result = generate(model, prompt, TOKENS, max_new_columns=5)
+    result = generate(model, prompt, TOKENS, max_new_columns=5, use_cache=use_cache)
     assert result.stopped_by == "max_new_columns" and result.num_steps == 5
     assert result.audio_columns[0].shape == (K, 5)
     assert result.text_ids.tolist() == [TOKENS.audio_out]
 
     bad = ScriptedModel({len(build_prompt(messages, TOKENIZER, LAYOUT)): TOKENS.audio_out}, {})
     with pytest.raises(GenerationError, match="placeholder"):
-        generate(bad, build_prompt(messages, TOKENIZER, LAYOUT), TOKENS, max_new_columns=3)
+        generate(
+            bad, build_prompt(messages, TOKENIZER, LAYOUT), TOKENS, max_new_columns=3, use_cache=use_cache
+        )
 
 
 def test_prompt_ending_with_an_assistant_turn_keeps_its_eot():

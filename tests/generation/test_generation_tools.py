@@ -283,3 +283,34 @@ def test_evaluate_with_a_process_group_and_a_loader_that_does_not_replay(setup, 
 
     with pytest.raises(ValueError, match="two passes over the loader saw different targets"):
         evaluate(model, ShrinkingLoader(packed_loader(root)), AlignedLoss(), "cpu")
+
+
+def test_generate_tool_batches_several_manifest_samples(setup, tmp_path):
+    """``--indices``: several samples in batches of ``--batch-size``, each exactly as generated alone with
+    the seed of its rank in the list (its own generator; repetition-aware sampling on by default)."""
+    root, checkpoint, _ = setup
+    manifest = root / "data" / "val.jsonl"
+    common = ["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--device", "cpu"]
+    common += ["--max-new-columns", "16"]
+    indices = [0, 2, 3]
+    summary = load_tool("generate").main(
+        [*common, "--indices", *map(str, indices), "--batch-size", "2", "--out", str(tmp_path / "batch")]
+    )
+    assert [r["index"] for r in summary["results"]] == indices
+    for rank, (index, result) in enumerate(zip(indices, summary["results"])):
+        assert result["codes_files"][0] == str(tmp_path / "batch" / f"sample_{index}.npy")
+        alone = load_tool("generate").main(
+            [
+                *common,
+                "--index",
+                str(index),
+                "--seed",
+                str(rank),
+                "--out",
+                str(tmp_path / f"alone_{index}.npy"),
+            ]
+        )
+        assert {k: v for k, v in result.items() if k not in ("index", "codes_files")} == {
+            k: v for k, v in alone.items() if k != "codes_files"
+        }
+        assert np.array_equal(np.load(result["codes_files"][0]), np.load(alone["codes_files"][0]))

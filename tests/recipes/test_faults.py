@@ -31,8 +31,11 @@ SAVE_EVERY_STEP = ("save_every_n_steps=1", "keep_last_n_checkpoints=10")
 
 
 def error_line(stderr: str) -> str:
-    """The last exception line (``SomeError: message``) of a failed run's stderr (tqdm may print after it)."""
-    lines = [line for line in stderr.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    """The last exception line (``SomeError: message``, or ``tune: error: message`` for an error in the
+    user's files, higgs_tune.errors) of a failed run's stderr (tqdm may print after it)."""
+    lines = [
+        line for line in stderr.splitlines() if re.match(r"^([\w.]+(Error|Exception)|tune: error): ", line)
+    ]
     assert lines, stderr[-3000:]
     return lines[-1]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from recipe_testing import losses_by_step, read_metrics, run_recipe
 from safetensors.torch import load_file
 
@@ -79,16 +80,26 @@ def test_two_fsdp_processes_train_like_one_process_and_export_the_same_model(
             torch.testing.assert_close(adapter_single[name], adapter_sharded[name], rtol=1e-4, atol=1e-5)
 
 
-def test_a_sharded_checkpoint_resumes_on_one_and_on_two_processes(tmp_path: Path, synthetic: Path):
+@pytest.mark.parametrize(
+    "finetune",
+    [pytest.param((), id="full"), pytest.param(LORA, id="lora")],
+)
+def test_a_sharded_checkpoint_resumes_on_one_and_on_two_processes(
+    tmp_path: Path, synthetic: Path, finetune: tuple[str, ...]
+):
     """A 2-process run writes DCP checkpoints at steps 4 and 8; resuming its step-4 checkpoint on 2
-    processes, and on 1 process with the same global batch (2 rows), continues the loss curve."""
+    processes, and on 1 process with the same global batch (2 rows), continues the loss curve. LoRA:
+    the shards hold only the adapters and their optimizer state."""
     reference = tmp_path / "reference"
-    common = ("max_steps=8", "save_every_n_steps=4", "keep_last_n_checkpoints=3")
+    common = ("max_steps=8", "save_every_n_steps=4", "keep_last_n_checkpoints=3", *finetune)
     run_recipe(reference, synthetic, *common, "batch_size=1", nproc=2)
     expected = losses_by_step(reference)
     assert sorted(expected) == list(range(1, 9))
     step_4 = reference / "checkpoints" / "step_00000004"
     assert sorted(p.name for p in step_4.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
+    stored = dcp.FileSystemReader(str(step_4)).read_metadata().state_dict_metadata
+    params = [k for k in stored if k.startswith("model.")]
+    assert params and all((".lora_" in k) == bool(finetune) for k in params)
 
     for nproc, batch_size in ((2, 1), (1, 2)):
         resumed = tmp_path / f"resumed_on_{nproc}"

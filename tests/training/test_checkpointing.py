@@ -1,18 +1,22 @@
 """Recipe checkpoints (torch.distributed.checkpoint, one process here; FSDP runs in tests/recipes):
-exact round trip, atomic writes, keep-last-k, damaged files named, RNG round trip."""
+exact round trip, atomic writes, keep-last-k, damaged files named, RNG round trip, trainable-only
+checkpoints of partly frozen models (what they store, exact resume, another base refused)."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from higgs_tune.training import checkpointing
 from higgs_tune.training.checkpointing import (
     CheckpointError,
     checkpoint_dirs,
+    fingerprint_frozen_base,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -127,3 +131,93 @@ def test_rng_state_round_trip():
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1])
     assert expected[2] == again[2]
+
+
+# ------------------------------------------------------------------ trainable-only checkpoints (LoRA, adapters)
+def partly_frozen(base_seed: int, head_seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A frozen base (weights from ``base_seed``) with a trainable head (from ``head_seed``)."""
+    torch.manual_seed(base_seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    model[0].requires_grad_(False)
+    torch.manual_seed(head_seed)
+    torch.nn.init.normal_(model[2].weight)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    return model, optimizer
+
+
+def train_steps(model, optimizer, batches) -> list[float]:
+    losses = []
+    for batch in batches:
+        loss = model(batch).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def stored_keys(path) -> set[str]:
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def base_of(model) -> checkpointing.BaseFingerprint:
+    return fingerprint_frozen_base(model, "test base", {"layers": 2})
+
+
+def test_trainable_only_checkpoint_holds_the_trainable_parameters_and_resumes_exactly(tmp_path):
+    batches = [torch.randn(4, 16) for _ in range(6)]
+    model, optimizer = partly_frozen(base_seed=0, head_seed=1)
+    expected = train_steps(model, optimizer, batches)
+
+    model, optimizer = partly_frozen(base_seed=0, head_seed=1)
+    train_steps(model, optimizer, batches[:3])
+    path = save(tmp_path, 3, model, optimizer, frozen_base=base_of(model))
+    keys = stored_keys(path)
+    assert {k for k in keys if k.startswith("model.")} == {"model.2.weight", "model.2.bias"}
+    assert {k for k in keys if k.startswith("optimizer.state.")} == {
+        f"optimizer.state.2.{p}.{s}" for p in ("weight", "bias") for s in ("exp_avg", "exp_avg_sq", "step")
+    }
+    # A fresh run: the same frozen base, another (random) head and no optimizer state yet.
+    fresh_model, fresh_optimizer = partly_frozen(base_seed=0, head_seed=7)
+    load_checkpoint(path, model=fresh_model, optimizer=fresh_optimizer, frozen_base=base_of(fresh_model))
+    assert train_steps(fresh_model, fresh_optimizer, batches[3:]) == expected[3:]  # exact
+
+
+def test_trainable_only_checkpoint_refuses_another_base(tmp_path):
+    model, optimizer = partly_frozen(base_seed=0, head_seed=1)
+    train_steps(model, optimizer, [torch.randn(4, 16)])
+    path = save(tmp_path, 1, model, optimizer, frozen_base=base_of(model))
+    other_model, other_optimizer = partly_frozen(base_seed=5, head_seed=1)  # same shapes, other weights
+    with pytest.raises(CheckpointError, match="was trained on the base test base") as error:
+        load_checkpoint(path, model=other_model, optimizer=other_optimizer, frozen_base=base_of(other_model))
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointError, match="every parameter of this model trains"):
+        load_checkpoint(path, model=other_model, optimizer=other_optimizer, frozen_base=None)
+
+
+def test_trainable_only_checkpoint_refuses_other_trainable_parameters(tmp_path):
+    model, optimizer = partly_frozen(base_seed=0, head_seed=1)
+    train_steps(model, optimizer, [torch.randn(4, 16)])
+    path = save(tmp_path, 1, model, optimizer, frozen_base=base_of(model))
+    model[2].bias.requires_grad_(False)  # the same base weights, but the bias is now frozen
+    base = fingerprint_frozen_base(model, "test base", {"layers": 2})
+    saved = json.loads((path / "meta.json").read_text())
+    saved["frozen_base"]["sha256"] = base.sha256  # only the parameter check can catch it now
+    (path / "meta.json").write_text(json.dumps(saved))
+    optimizer = torch.optim.AdamW([model[2].weight], lr=0.01)
+    with pytest.raises(
+        CheckpointError, match=r"other trainable parameters .* 1 unexpected, e.g. \['2.bias'\]"
+    ):
+        load_checkpoint(path, model=model, optimizer=optimizer, frozen_base=base)
+
+
+def test_fingerprint_follows_the_frozen_weights_not_the_trainable_ones():
+    model, _ = partly_frozen(base_seed=0, head_seed=1)
+    same_base, _ = partly_frozen(base_seed=0, head_seed=2)
+    assert base_of(model) == base_of(same_base)
+    with torch.no_grad():
+        same_base[0].weight[0, 0] += 1.0  # the first bytes of a frozen tensor
+    assert base_of(model).sha256 != base_of(same_base).sha256
+    assert fingerprint_frozen_base(model, "x", {"layers": 3}).sha256 != base_of(model).sha256
+    everything_trains, _ = trained(seed=0)
+    assert fingerprint_frozen_base(everything_trains, "x", {}) is None

@@ -20,15 +20,17 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from higgs_tune.data.tokenizer import HiggsTokenizer
+from higgs_tune.errors import InvalidInputError, MissingInputError, UserInputError
 
+from ..safetensors_writer import LazyTensor, lazy, write_sharded
 from . import transformers_layout
 from .config import HiggsAudioModelArgs
 from .model import HiggsAudioModel
@@ -51,7 +53,7 @@ PARTIALLY_FROZEN_SPLITS = {
 }
 
 
-class CheckpointKeyError(KeyError):
+class CheckpointKeyError(UserInputError, KeyError):
     """The checkpoint's tensors do not match the model's parameters."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
@@ -62,10 +64,10 @@ def read_config_json(checkpoint_dir: str | Path) -> dict[str, Any]:
     """Read ``config.json`` of either layout; raise if missing or neither higgs_audio nor higgs_audio_v2."""
     path = Path(checkpoint_dir) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {checkpoint_dir}")
+        raise MissingInputError(f"no {CONFIG_NAME} in checkpoint directory {checkpoint_dir}")
     config = json.loads(path.read_text())
     if config.get("model_type") not in ("higgs_audio", transformers_layout.MODEL_TYPE):
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: model_type is {config.get('model_type')!r}, expected 'higgs_audio' (Boson) or "
             f"{transformers_layout.MODEL_TYPE!r} (transformers)"
         )
@@ -107,13 +109,13 @@ def _weight_files(checkpoint_dir: Path) -> dict[str, list[str]]:
             files.setdefault(file_name, []).append(key)
         missing = [name for name in files if not (checkpoint_dir / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{index_path} names shard files that do not exist: {missing}")
+            raise MissingInputError(f"{index_path} names shard files that do not exist: {missing}")
         return files
     single = checkpoint_dir / SINGLE_FILE
     if single.is_file():
         with safe_open(str(single), framework="pt") as f:
             return {SINGLE_FILE: list(f.keys())}
-    raise FileNotFoundError(f"neither {INDEX_FILE} nor {SINGLE_FILE} in {checkpoint_dir}")
+    raise MissingInputError(f"neither {INDEX_FILE} nor {SINGLE_FILE} in {checkpoint_dir}")
 
 
 def read_hf_state_dict(
@@ -155,7 +157,7 @@ def merge_partially_frozen(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     return state_dict
 
 
-def check_keys(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+def check_keys(state_dict: Mapping[str, torch.Tensor | LazyTensor], model: torch.nn.Module) -> None:
     """Raise :class:`CheckpointKeyError` listing missing and unexpected keys and shape mismatches."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -203,21 +205,8 @@ def load_hf_checkpoint(
     return load_state_dict_into(model, state_dict)
 
 
-def _shards(state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state_dict.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    return shards
-
-
 def save_hf_checkpoint(
-    state_dict: dict[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor | LazyTensor],
     args: HiggsAudioModelArgs,
     output_dir: str | Path,
     dtype: torch.dtype | None = None,
@@ -233,11 +222,15 @@ def save_hf_checkpoint(
     generation config, processor and tokenizer files (``HiggsAudioV2ForConditionalGeneration`` and
     ``HiggsAudioV2Processor`` load it; see :mod:`.transformers_layout`).
 
-    The directory is written to a temporary sibling and renamed into place (replacing an existing one),
+    The tensors are written one at a time (:mod:`higgs_tune.models.safetensors_writer`): a
+    :class:`LazyTensor` (e.g. a merged LoRA weight, ``lora.merged_tensors``) is computed when its turn
+    comes and dropped once written, so the export needs the model plus one tensor of memory. The
+    directory is written to a temporary sibling and renamed into place (replacing an existing one),
     so a crash never leaves a half-written export.
 
     Args:
-        state_dict: plain model state dict (merge LoRA first: ``lora.merged_state_dict``).
+        state_dict: plain model state dict (tensors, or lazy ones; LoRA merged:
+            ``lora.merged_tensors``).
         args: architecture, written as config.json.
         output_dir: target directory.
         dtype: cast tensors on the way out (None: as they are).
@@ -256,28 +249,14 @@ def save_hf_checkpoint(
     with torch.device("meta"):
         reference = HiggsAudioModel(args)
     check_keys(state_dict, reference)
-    tensors = {
-        k: (v.detach().to(dtype) if dtype is not None else v.detach()).contiguous().cpu()
-        for k, v in state_dict.items()
-    }
+    tensors = {k: lazy(v).cast(dtype) for k, v in state_dict.items()}
     if layout == "transformers":
         tensors = transformers_layout.rename_state_dict(tensors, to_transformers=True)
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        shards = _shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp_dir / SINGLE_FILE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp_dir / name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+        write_sharded(tmp_dir, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
         dtype_name = transformers_layout.weight_dtype_name(tensors)
         if layout == "transformers":
             transformers_layout.write_transformers_side_files(

@@ -19,6 +19,7 @@ Fine-tuning modes (:func:`set_trainable`):
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
+
+from higgs_tune.models.safetensors_writer import LazyTensor
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp", "audio_mlp", "text_lm_head", "audio_lm_head")
 FINETUNE_MODES = ("full", "lora", "audio_adapter")
@@ -174,6 +177,7 @@ def freeze_text_only(model: nn.Module) -> list[str]:
     return frozen
 
 
+@torch.no_grad()
 def _merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """``W + scale * B @ A`` in fp32, cast back to ``W``'s dtype. W [out, in], A [r, in], B [out, r]."""
     return (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(weight.dtype)
@@ -184,12 +188,12 @@ def _merged_weight(module: LoRALinear) -> torch.Tensor:
     return _merge(module.weight, module.lora_a.weight, module.lora_b.weight, scale)
 
 
-@torch.no_grad()
-def merged_state_dict(
+def merged_tensors(
     model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """The model's state dict with every LoRA adapter merged into its base weight (model unchanged):
-    the plain layout of the checkpoint adapter.
+) -> dict[str, torch.Tensor | LazyTensor]:
+    """The model's state dict with every LoRA adapter merged into its base weight, each merged weight
+    a :class:`LazyTensor` computed only when it is asked for (an export writes them one at a time:
+    the whole merged model never exists beside the base). Other tensors are the model's own.
 
     Args:
         model: gives the LoRA modules (names, rank, alpha).
@@ -197,13 +201,27 @@ def merged_state_dict(
             None: ``model.state_dict()``.
     """
     source = model.state_dict() if state_dict is None else state_dict
-    merged = {_clean(k): v for k, v in source.items()}
+    merged: dict[str, torch.Tensor | LazyTensor] = {_clean(k): v for k, v in source.items()}
     for name, module in lora_modules(model).items():
         lora_a, lora_b = merged.pop(f"{name}.lora_a.weight"), merged.pop(f"{name}.lora_b.weight")
-        merged[f"{name}.weight"] = _merge(
-            merged[f"{name}.weight"], lora_a, lora_b, module.alpha / module.rank
+        weight = merged[f"{name}.weight"]
+        merged[f"{name}.weight"] = LazyTensor(
+            weight.shape,
+            weight.dtype,
+            functools.partial(_merge, weight, lora_a, lora_b, module.alpha / module.rank),
         )
     return merged
+
+
+def merged_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """:func:`merged_tensors`, every merged weight computed now (model unchanged): the plain layout of
+    the checkpoint adapter, in memory."""
+    return {
+        k: v.materialize() if isinstance(v, LazyTensor) else v
+        for k, v in merged_tensors(model, state_dict).items()
+    }
 
 
 @torch.no_grad()

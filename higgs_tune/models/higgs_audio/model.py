@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from higgs_tune.data.batch import append_sink
+from higgs_tune.models.kv_cache import KVCache, LayerKVCache
 
 from .config import HiggsAudioModelArgs
 
@@ -157,24 +158,33 @@ class Attention(nn.Module):
     def __init__(self, args: HiggsAudioModelArgs):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        self.backend = args.attention
         self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=False)
         self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        """x [B, L, H], cos/sin [B, L, D], mask (see :data:`AttentionMask`) -> [B, L, H]."""
+        """x [B, L, H], cos/sin [B, L, D], mask (see :data:`AttentionMask`) -> [B, L, H].
+
+        With ``kv_cache`` (generation), this forward's keys/values are stored in it and the queries attend
+        over all its T slots: ``mask`` is then [B, 1, L, T] (:meth:`KVCache.begin_forward`)."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)  # [B, L, nh, D]
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # [B, L, nkv, D]
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, heads, L, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # [B, nkv, T, D]
         scale = 1.0 / math.sqrt(self.head_dim)
-        if self.backend == "flex":
+        if isinstance(mask, BlockMask):
             out = flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
         else:
             # query head i reads kv head i // group (HF repeat_kv)
@@ -236,6 +246,7 @@ class DecoderLayer(nn.Module):
         audio_mask: torch.Tensor,
         text_ffn_index: torch.Tensor,
         audio_ffn_index: torch.Tensor,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -246,24 +257,25 @@ class DecoderLayer(nn.Module):
             audio_mask: [B, L, 1] bool, audio-in or audio-out column.
             text_ffn_index: [B, C_text] positions on the text FFN path (sink = L).
             audio_ffn_index: [B, C_audio] positions on the audio FFN path (sink = L).
+            kv_cache: generation only: this layer's cache (the masks are then over its slots).
 
         Returns:
             [B, L, H].
         """
         length = x.shape[1]
         if self.kind == "text_only":
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, kv_cache)
             return x + self.mlp(self.post_attention_layernorm(x))
 
         if self.kind == "fast_forward":
-            h = x + self.self_attn(self.input_layernorm(x), cos, sin, fast_forward_mask)
+            h = x + self.self_attn(self.input_layernorm(x), cos, sin, fast_forward_mask, kv_cache)
             h_sink = append_sink(h)  # [B, L+1, H]
             text_out = self.mlp(self.post_attention_layernorm(gather_positions(h_sink, text_ffn_index)))
             h = h + scatter_positions(torch.zeros_like(h_sink), text_ffn_index, text_out)[:, :length]
             return torch.where(audio_mask, x, h)  # audio positions skip the layer
 
         normed = torch.where(audio_mask, self.audio_input_layernorm(x), self.input_layernorm(x))
-        h = x + self.self_attn(normed, cos, sin, attention_mask)  # [B, L, H]
+        h = x + self.self_attn(normed, cos, sin, attention_mask, kv_cache)  # [B, L, H]
         h_sink = append_sink(h)  # [B, L+1, H]
         text_out = self.mlp(self.post_attention_layernorm(gather_positions(h_sink, text_ffn_index)))
         audio_out = self.audio_mlp(
@@ -411,21 +423,55 @@ class HiggsAudioModel(nn.Module):
         build = flex_block_masks if self.args.attention == "flex" else sdpa_masks
         return build(doc_ids, audio_mask, self.has_fast_forward_layers)
 
-    def hidden_states(self, batch: Any) -> torch.Tensor:
-        """The residual stream after the last decoder layer, before the final norm: [B, L, H]."""
+    def hidden_states(self, batch: Any, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The residual stream after the last decoder layer, before the final norm: [B, L, H].
+
+        ``kv_cache`` (generation, :mod:`higgs_tune.models.kv_cache`): every row holds one sequence, the
+        batch's ``input_pos`` are its cache slots, ``doc_ids`` are not read; keys/values are stored in
+        the cache and attention reads all earlier positions from it."""
         tokens = _batch_field(batch, "tokens")
         audio_mask = _batch_field(batch, "audio_in_mask") | _batch_field(batch, "audio_out_mask")  # [B, L]
         x = self.embed(tokens, _batch_field(batch, "audio_codes"), audio_mask)
-        cos, sin = self.rotary_emb(_batch_field(batch, "input_pos"), x.dtype)
-        attention_mask, fast_forward_mask = self.attention_masks(_batch_field(batch, "doc_ids"), audio_mask)
+        input_pos = _batch_field(batch, "input_pos")
+        cos, sin = self.rotary_emb(input_pos, x.dtype)
+        if kv_cache is None:
+            doc_ids = _batch_field(batch, "doc_ids")
+            attention_mask, fast_forward_mask = self.attention_masks(doc_ids, audio_mask)
+        else:
+            attention_mask, fast_forward_mask = kv_cache.begin_forward(
+                input_pos, audio_mask, self.has_fast_forward_layers
+            )
         text_ffn_index = _batch_field(batch, "text_ffn_index")
         audio_ffn_index = _batch_field(batch, "audio_ffn_index")
         audio_mask = audio_mask[..., None]  # [B, L, 1]
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
+            layer_cache = None if kv_cache is None else kv_cache.layer(index, input_pos)
             x = layer(
-                x, cos, sin, attention_mask, fast_forward_mask, audio_mask, text_ffn_index, audio_ffn_index
+                x,
+                cos,
+                sin,
+                attention_mask,
+                fast_forward_mask,
+                audio_mask,
+                text_ffn_index,
+                audio_ffn_index,
+                layer_cache,
             )
         return x
+
+    def new_kv_cache(self, batch_size: int, max_positions: int) -> KVCache:
+        """An empty generation cache for this model's attention, on its device and in its dtype."""
+        weight = self.embed_tokens.weight
+        args = self.args
+        return KVCache(
+            args.num_layers,
+            args.num_kv_heads,
+            args.head_dim,
+            batch_size,
+            max_positions,
+            weight.device,
+            weight.dtype,
+        )
 
     def text_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + text head: [..., H] -> [..., V]."""
