@@ -16,7 +16,7 @@ Alignment: the data pipeline builds the targets ONCE (targets[t] = label of posi
 document); the model returns logits at the positions that have targets; the loss compares logits[i]
 with targets[i]. Nothing here shifts anything. The first batch is checked by the alignment guard.
 
-Outputs (design.md §6): ``<output_dir>/logs`` (TensorBoard), ``<output_dir>/metrics.jsonl``,
+Outputs (README.md, "Monitoring"): ``<output_dir>/logs`` (TensorBoard), ``<output_dir>/metrics.jsonl``,
 ``<output_dir>/config.yaml`` (the resolved config) and ``<output_dir>/hf`` (Boson-loadable export).
 """
 
@@ -37,6 +37,7 @@ from torchtune import config, training
 from tqdm import tqdm
 
 from higgs_tune.config import validate_config
+from higgs_tune.data.alignment_guard import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
 from higgs_tune.data.capacities import CAPACITY_NAMES, packing_summary, padding_warnings
 from higgs_tune.data.dataset import build_dataloader
 from higgs_tune.data.document import AudioLayout
@@ -50,12 +51,12 @@ from higgs_tune.generation import (
     generate_batch,
     held_out_speech_prompts,
 )
-from higgs_tune.loss import AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
 from higgs_tune.models.audio_decoder import AudioCodecDecoder, write_wav
 from higgs_tune.models.higgs_audio.builders import build_model, from_checkpoint_dir
 from higgs_tune.models.higgs_audio.checkpoint import read_hf_config, save_hf_checkpoint
 from higgs_tune.models.higgs_audio.lora import (
     apply_lora,
+    freeze_text_only,
     lora_modules,
     merged_state_dict,
     merged_tensors,
@@ -68,7 +69,6 @@ from higgs_tune.models.higgs_audio.qlora import (
     state_dict_with_dequantized_base,
 )
 from higgs_tune.models.higgs_audio.transformers_layout import DEFAULT_AUDIO_TOKENIZER
-from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
 from higgs_tune.training.checkpointing import (
     TRAINING_STATE_FILE,
     fingerprint_frozen_base,
@@ -80,8 +80,7 @@ from higgs_tune.training.checkpointing import (
 )
 from higgs_tune.training.distributed import cleanup_distributed, init_distributed, resolve_device
 from higgs_tune.training.flops import mfu
-from higgs_tune.training.optimizer_in_backward import OptimizerInBackward
-from higgs_tune.training.parallelize import FSDPOptions, parallelize
+from higgs_tune.training.parallelize import FSDPOptions, transform_model
 from higgs_tune.training.step import build_train_step, move_batch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -100,6 +99,7 @@ class HiggsFinetuneRecipe:
         self.epoch = 0
         self.rows_in_epoch = 0  # rows ALL ranks have drawn in the current epoch (the resumable position)
         self.skipped_updates = 0  # steps whose update was skipped for a non-finite loss or gradient
+        self.unread_steps: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, metrics) not yet read
         self.alignment_checked = False
 
     # ------------------------------------------------------------------ setup
@@ -114,6 +114,7 @@ class HiggsFinetuneRecipe:
                 raise OSError(f"output_dir {self.output_dir} is not writable: {exc}") from exc
 
         self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.loss_fn = config.instantiate(cfg.loss).to(self.device)  # its buffers (codebook weights)
         self.model = self._setup_model()
         model_config = self.model.args.to_hf_config()
         self.tokenizer.check_against_model_config(model_config)  # special token ids, vocab size
@@ -165,31 +166,16 @@ class HiggsFinetuneRecipe:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
-        self.loss_fn = config.instantiate(cfg.loss).to(self.device)  # its buffers (codebook weights)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, trainable)
         self.lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps
         )
-        # eager, compiled (torch.compile fullgraph) or replayed as a CUDA graph: same maths, same metrics.
-        # FSDP runs: the decoder layers were compiled before sharding; the step around them is eager and
-        # FSDP's reduce-scatter sums the gradients.
-        # An optimizer built with in_backward=true updates each parameter inside backward (no gradient
-        # accumulation, no global clipping; its decoder blocks and loss compile one by one).
+        # One step (higgs_tune/training/step.py); the mode only changes what is compiled or captured.
+        # The decoder blocks were compiled by the model transform when the step cannot compile the model
+        # as one graph (FSDP's hooks; an optimizer in backward, whose memory saving needs per-block
+        # backward graphs): then the step compiles the loss alone.
         step_mode = "cudagraph" if cfg.cuda_graphs else "compile" if cfg.compile else "eager"
-        step_options = dict(cfg.get("step_options", {}))
-        if isinstance(self.optimizer, OptimizerInBackward):
-            if self.dist.is_distributed or cfg.cuda_graphs:
-                raise ValueError("optimizer in_backward=true is single-process, without cuda_graphs")
-            step_mode = "optimizer_in_backward"
-            step_options.update(compile_blocks=cfg.compile, compile_loss=cfg.compile)
-        if self.dist.is_distributed:
-            step_mode = "eager"
-            if step_options:  # they configure the single-process modes (e.g. a100.yaml's compile_optimizer)
-                self._log(
-                    f"FSDP run: eager step around the compiled layers; step_options {step_options} unused"
-                )
-                step_options = {}
         self.on_nonfinite = cfg.get("on_nonfinite", "skip")  # skip | stop (validated with the config)
         self.train_step = build_train_step(
             step_mode,
@@ -201,8 +187,11 @@ class HiggsFinetuneRecipe:
             process_group=dist.group.WORLD if self.dist.is_distributed else None,
             reduce_gradients=not self.dist.is_distributed,
             skip_nonfinite=True,  # never train on NaN: a non-finite step updates nothing
-            **step_options,
+            text_logits=self.loss_fn.text_weight != 0,
+            compile_model=not self.blocks_compiled,
+            **cfg.get("step_options", {}),
         )
+        self._log(f"step: {step_mode}; {self.train_step.describe_nonfinite_policy()}")
         self.metric_logger = config.instantiate(cfg.metric_logger, rank=self.dist.rank)
         self.metric_logger.log_config(OmegaConf.to_yaml(cfg, resolve=True))
         self.metric_logger.log_dict(setup_scalars(self.data_stats), step=0)  # packing, at set-up
@@ -284,23 +273,49 @@ class HiggsFinetuneRecipe:
             if finetune.get("quantize_base") is not None:  # QLoRA: the bases under the adapters in NF4
                 quantize_lora_base_(model, **finetune.quantize_base)
         set_trainable(model, finetune.get("mode", "full"))
+        self._freeze_what_has_no_loss(model)
         # LoRA / audio adapter: checkpoints store only what trains, and the fingerprint of the frozen
         # base it trains on (taken before FSDP shards it); resume refuses another base.
         source = (
             f"random init, seed {cfg.seed}" if checkpoint_dir is None else str(Path(checkpoint_dir).resolve())
         )
         self.frozen_base = fingerprint_frozen_base(model, source, model.args.to_hf_config())
-        apply_activation_checkpointing(model, enabled=cfg.get("activation_checkpointing", False))
-        if self.dist.is_distributed:
-            if quantized_modules(model):
-                raise ValueError("finetune.quantize_base (QLoRA) is single-process; remove it with torchrun")
-            if cfg.cuda_graphs:
-                raise ValueError(
-                    "cuda_graphs=true is single-process only; set cuda_graphs=false with torchrun"
-                )
-            # torchtitan's order: activation checkpointing (above), per-layer compile, then FSDP2.
-            parallelize(model, FSDPOptions(**cfg.get("fsdp", {})), compile=cfg.compile)
+        if self.dist.is_distributed and quantized_modules(model):
+            raise ValueError("finetune.quantize_base (QLoRA) is single-process; remove it with torchrun")
+        if self.dist.is_distributed and cfg.cuda_graphs:
+            raise ValueError("cuda_graphs=true is single-process only; set cuda_graphs=false with torchrun")
+        # torchtitan's order: activation checkpointing, per-block compile, FSDP2 (LoRA/freezing above).
+        in_backward = bool(cfg.optimizer.get("in_backward", False))
+        if in_backward and (self.dist.is_distributed or cfg.cuda_graphs):
+            raise ValueError("optimizer in_backward=true is single-process, without cuda_graphs")
+        self.blocks_compiled = cfg.compile and (self.dist.is_distributed or in_backward)
+        transform_model(
+            model,
+            activation_checkpointing=cfg.get("activation_checkpointing", False),
+            compile_blocks=self.blocks_compiled,
+            fsdp=FSDPOptions(**cfg.get("fsdp", {})) if self.dist.is_distributed else None,
+        )
         return model
+
+    def _freeze_what_has_no_loss(self, model: torch.nn.Module) -> None:
+        """``loss.text_weight: 0``: the text head is neither computed nor trained, nor is what only it
+        reads (frozen, so no optimizer state, no gradient, no weight decay; the export keeps it
+        unchanged). A codebook weight of 0 is said, not acted on: the audio head is one matrix for all
+        codebooks."""
+        if self.loss_fn.text_weight == 0:
+            frozen = freeze_text_only(model)
+            self._log(
+                f"loss.text_weight=0: the text head is not computed in training steps; it and what only "
+                f"it reads are not trained ({len(frozen)} parameters frozen: {', '.join(frozen)}); the "
+                "export keeps them unchanged; validation still measures the text loss"
+            )
+        weights = self.loss_fn.codebook_weights
+        for k in [] if weights is None else (weights == 0).nonzero().flatten().tolist():
+            self._log(
+                f"loss.codebook_weights[{k}]=0: codebook {k}'s logits are still computed (one audio head for "
+                f"all codebooks) and logged; its rows of the audio head get no gradient from the loss "
+                "(weight decay still applies to them)"
+            )
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -330,9 +345,9 @@ class HiggsFinetuneRecipe:
                     micro_batches = []
                     self.step += 1
                     progress.update(1)
-                    if metrics["update_skipped"]:  # decided by the step on every rank alike
-                        self._handle_nonfinite_step(metrics)
+                    self.unread_steps.append((self.step, metrics))  # their skip flags are read when logging
                     if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
+                        self._read_nonfinite_flags()
                         elapsed = time.perf_counter() - window_start
                         record = self._log_metrics(metrics, lr, tokens_since_log, elapsed, data_time)
                         progress.set_postfix(
@@ -347,6 +362,7 @@ class HiggsFinetuneRecipe:
                     if speak_every and self.step % speak_every == 0 and self.step != self.total_steps:
                         self.generate_held_out(self.full_state_dict())
                     if self.step % cfg.save_every_n_steps == 0 or self.step == self.total_steps:
+                        self._read_nonfinite_flags()  # the checkpoint counts every skipped update
                         self.save_checkpoint()
                     if self.step >= self.total_steps:
                         break
@@ -357,9 +373,20 @@ class HiggsFinetuneRecipe:
                 micro_batches = []  # an incomplete accumulation group does not cross epochs
         progress.close()
 
-    def _handle_nonfinite_step(self, metrics: dict[str, torch.Tensor]) -> None:
-        """A step whose loss or gradient norm was NaN/inf updated nothing (the step skipped it); say so,
-        count it, and stop when the config says ``on_nonfinite: stop``."""
+    def _read_nonfinite_flags(self) -> None:
+        """Read the skip flags of the steps since the last read (one host read for all of them: the step
+        itself never waits for the device) and report each skipped step."""
+        if not self.unread_steps:
+            return
+        flags = torch.stack([metrics["update_skipped"] for _, metrics in self.unread_steps]).tolist()
+        unread, self.unread_steps = self.unread_steps, []
+        for (step, metrics), skipped in zip(unread, flags):
+            if skipped:  # decided by the step on every rank alike
+                self._handle_nonfinite_step(step, metrics)
+
+    def _handle_nonfinite_step(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        """Step ``step``'s loss or gradient norm was NaN/inf and it updated nothing (the step skipped it
+        on the device); say so, count it, and stop when the config says ``on_nonfinite: stop``."""
         self.skipped_updates += 1
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         self.metric_logger.log_dict(
@@ -369,13 +396,13 @@ class HiggsFinetuneRecipe:
                 "nonfinite_grad_norm": grad_norm,
                 "skipped_updates": self.skipped_updates,
             },
-            step=self.step,
+            step=step,
         )
         unchanged = "parameters and optimizer state are unchanged"
         if "skipped_parameters" in metrics:  # optimizer in backward: only the non-finite ones were skipped
             unchanged = f"{int(metrics['skipped_parameters'])} of {len(self.train_step.trainable)} parameters"
         message = (
-            f"step {self.step}: non-finite loss or gradient (this rank's loss {loss}, grad norm {grad_norm}); "
+            f"step {step}: non-finite loss or gradient (this rank's loss {loss}, grad norm {grad_norm}); "
             f"the update was skipped ({unchanged})"
         )
         if self.on_nonfinite == "stop":

@@ -14,7 +14,7 @@ samples, step for step:
 * reference: Boson's ``HiggsAudioModel`` forward (eager, SDPA attention) on Boson's collated inputs of
   the very samples packed into our step's rows (``prepare_chatml_sample`` + ``HiggsAudioSampleCollator``,
   padded to the longest sample), Boson's reference loss (``higgs_tune.loss.reference.reference_loss``,
-  spec §6.4) on its outputs, ``torch.optim.AdamW``.
+  Boson's formula) on its outputs, ``torch.optim.AdamW``.
 
 Reported per side: tokens/s (non-padding positions of the step / median step time), the median step
 time over ``--steps`` steps after ``--warmup`` steps, peak memory, and on CUDA the MFU (PaLM: 6·N·tokens
@@ -76,7 +76,7 @@ CONFIGS = {
     # Capacities sized for the synthetic mix (per row at most ~680 text / ~480 audio positions,
     # ~60 text targets, ~310 audio-target columns).
     "cpu3b": BenchConfig(128256, 512, 4, 8, 2, 1376, 1024, 1, 704, 512, 128, 384, 120),
-    # The released 3B architecture (spec §1.1), one row of 2048 positions per step.
+    # The released 3B architecture (bosonai/higgs-audio-v2-generation-3B-base config.json), one row of 2048 positions per step.
     "3b": BenchConfig(128256, 3072, 28, 24, 8, 8192, 2048, 1, 1408, 1024, 256, 768, 240),
 }
 
@@ -192,44 +192,46 @@ def reference_batches(dataset, steps: list[list[int]], layout) -> list[Any]:
 
 # ------------------------------------------------------------------------------------------ the steps
 def optimizer_kind(mode: str, device: torch.device, options: dict[str, Any]) -> dict[str, Any]:
-    """``build_optimizer`` arguments each step mode needs on ``device``.
-
-    eager / cudagraph with an eager optimizer: a float LR, fused AdamW on CUDA. A compiled optimizer
-    (compile mode with ``compile_optimizer``): tensor LR; on CUDA ``capturable=True`` (foreach AdamW
-    accepts a tensor LR only when capturable). A captured optimizer (``capture_optimizer``): capturable
-    with the tensor LR on the device.
-    """
-    cuda = device.type == "cuda"
-    if mode == "optimizer_in_backward":  # one optimizer per parameter, stepped eagerly inside backward
-        return {"in_backward": True, "implementation": "fused"} if cuda else {"in_backward": True}
-    compiled_optimizer = mode == "compile" and options.get("compile_optimizer", True)
-    captured_optimizer = mode == "cudagraph" and options.get("capture_optimizer", False)
-    if compiled_optimizer or captured_optimizer:
-        return {"lr_as_tensor": True, "capturable": cuda}
-    if mode == "functional" or not cuda:
-        return {}
-    return {"implementation": "fused"}
+    """``build_optimizer`` arguments each step mode needs on ``device``: fused AdamW (float LR) unless
+    the optimizer is captured in a CUDA graph (capturable, tensor LR on the device) or updates inside the
+    backward (one fused AdamW per parameter)."""
+    if mode == "optimizer_in_backward":
+        return {"in_backward": True}
+    if mode == "cudagraph" and options.get("capture_optimizer", False):
+        return {"lr_as_tensor": True, "capturable": device.type == "cuda"}
+    return {}
 
 
-def make_our_step(args, device: torch.device, dtype: torch.dtype, mode: str, optimizer_name: str = "adamw"):
+def make_our_step(
+    args,
+    device: torch.device,
+    dtype: torch.dtype,
+    mode: str,
+    optimizer_name: str = "adamw",
+    text_weight: float = 1.0,
+):
     from higgs_tune.loss import AlignedLoss
     from higgs_tune.models.higgs_audio.builders import build_model
+    from higgs_tune.models.higgs_audio.lora import freeze_text_only
     from higgs_tune.training.optim import build_optimizer
+    from higgs_tune.training.parallelize import compile_decoder_blocks
     from higgs_tune.training.step import build_train_step
 
     torch.manual_seed(0)
     model = build_model(args, device=device, dtype=dtype)
-    options: dict[str, Any] = {}
-    if mode == "compile":
-        # On CPU the compiled optimizer compiles for minutes and gains nothing measurable: eager AdamW.
-        options["compile_optimizer"] = device.type == "cuda"
+    if text_weight == 0:  # the recipe's loss.text_weight=0: text head (and what only it reads) frozen
+        freeze_text_only(model)
+    step_mode, options = mode, {}
+    if mode == "optimizer_in_backward":
+        # The recipe's compile=true with an optimizer in backward: blocks compiled by the model transform
+        # (per-block backward graphs free each gradient early), the loss compiled by the step.
+        compile_decoder_blocks(model)
+        step_mode, options = "compile", {"compile_model": False}
     kind = optimizer_kind(mode, device, options)
-    if optimizer_name == "adamw_fused":
-        if kind.get("capturable"):
-            raise ValueError(
-                "--our-optimizer adamw_fused: a compiled/captured optimizer uses capturable foreach AdamW"
-            )
-        kind["implementation"] = "fused"
+    if optimizer_name == "adamw_foreach":
+        if kind.get("capturable") or kind.get("in_backward"):
+            raise ValueError("--our-optimizer adamw_foreach: not with a captured or in-backward optimizer")
+        kind["implementation"] = "foreach"
     elif optimizer_name == "adamw8bit":
         if kind:
             raise ValueError(
@@ -237,17 +239,28 @@ def make_our_step(args, device: torch.device, dtype: torch.dtype, mode: str, opt
             )
         kind["name"] = "adamw8bit"
     elif optimizer_name == "adamw_bf16":
-        if kind.get("capturable") or kind.get("implementation"):
+        if kind.get("capturable"):
             raise ValueError(
                 f"--our-optimizer adamw_bf16 has its own update kernel (mode {mode} on {device})"
             )
         kind["moment_dtype"] = "bf16"
-    optimizer = build_optimizer(model.parameters(), lr=1e-5, **kind)
-    loss_fn = AlignedLoss(text_chunk_size=1024)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, lr=1e-5, **kind)
+    loss_fn = AlignedLoss(text_weight=text_weight, text_chunk_size=1024)
     # Optimizer-in-backward cannot clip the global norm (each parameter is updated before the next
     # gradient exists): it runs unclipped; the reference clips at 1.0.
     max_grad_norm = None if mode == "optimizer_in_backward" else 1.0
-    step = build_train_step(mode, model, loss_fn, optimizer, None, max_grad_norm=max_grad_norm, **options)
+    step = build_train_step(
+        step_mode,
+        model,
+        loss_fn,
+        optimizer,
+        None,
+        max_grad_norm=max_grad_norm,
+        skip_nonfinite=True,  # as the recipe
+        text_logits=text_weight != 0,
+        **options,
+    )
 
     def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return step([{k: v.to(device, non_blocking=True) for k, v in batch.items()}])["loss"]
@@ -308,19 +321,185 @@ def time_side(run, batches, warmup: int, device: torch.device) -> dict[str, Any]
     return result
 
 
+# ------------------------------------------------------------------------- transformers' port (peer)
+# transformers >= 5.3 ships Boson's model as HiggsAudioV2ForConditionalGeneration; Boson's reference needs
+# transformers < 4.47, so the port runs in a virtualenv of its own (--hf-python), created with
+#     python -m venv .venv-hf && .venv-hf/bin/pip install torch==2.13.0 'transformers>=5.3'
+# Its worker process imports only torch and transformers: it reads its batches from a file this process
+# writes, and steps in lockstep with the other sides (one step per line on its stdin).
+PORT_SIDES = {"port": True, "port_audio": False}  # side -> use_text_head
+
+
+def port_inputs(batch: dict[str, torch.Tensor], codebook_size: int, audio_token_id: int, pad_id: int):
+    """The documents of one of our packed steps as a transformers-style batch: one document per row
+    (HF-trainer style: whole samples, right-padded to the longest), audio columns as ``audio_token_id``
+    placeholders with their codes in ``audio_input_ids`` [B, T, K]. Labels are input-aligned (the port
+    shifts them inside its loss), so each row trains exactly our targets of that document; codes and
+    audio labels >= ``codebook_size`` (stream BOS/EOS: the port's codebook vocabulary has no room for
+    them) are clamped to ``codebook_size - 1``, keeping every position and target."""
+    docs = []
+    audio_columns = batch["audio_in_mask"] | batch["audio_out_mask"]
+    for row in range(batch["tokens"].shape[0]):
+        length = int(batch["num_tokens"][row])
+        doc_ids = batch["doc_ids"][row, :length]
+        for doc in doc_ids.unique().tolist():
+            pos = (doc_ids == doc).nonzero().flatten()
+            audio = audio_columns[row, pos]
+            text_labels = torch.full_like(pos, -100)
+            text_labels[1:] = batch["text_targets"][row, pos[:-1]]
+            audio_labels = torch.full((len(pos), batch["audio_codes"].shape[1]), -100, dtype=torch.long)
+            audio_labels[1:] = batch["audio_targets"][row, :, pos[:-1]].T
+            audio_labels = torch.where(audio_labels >= codebook_size, codebook_size - 1, audio_labels)
+            docs.append(
+                {
+                    "input_ids": torch.where(audio, audio_token_id, batch["tokens"][row, pos]),
+                    "labels": text_labels,
+                    "audio_input_ids": batch["audio_codes"][row, :, pos]
+                    .T[audio]
+                    .clamp(max=codebook_size - 1),
+                    "audio_labels": audio_labels[audio],
+                }
+            )
+    length = max(len(d["input_ids"]) for d in docs)
+    frames = max(len(d["audio_input_ids"]) for d in docs)
+    num_codebooks = batch["audio_codes"].shape[1]
+    out = {
+        "input_ids": torch.full((len(docs), length), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros(len(docs), length, dtype=torch.long),
+        "labels": torch.full((len(docs), length), -100, dtype=torch.long),
+        "audio_input_ids": torch.zeros(len(docs), frames, num_codebooks, dtype=torch.long),
+        "audio_input_ids_mask": torch.zeros(len(docs), frames, dtype=torch.bool),
+        "audio_labels": torch.full((len(docs), frames, num_codebooks), -100, dtype=torch.long),
+    }
+    for i, d in enumerate(docs):
+        n, t = len(d["input_ids"]), len(d["audio_input_ids"])
+        out["input_ids"][i, :n] = d["input_ids"]
+        out["attention_mask"][i, :n] = 1
+        out["labels"][i, :n] = d["labels"]
+        out["audio_input_ids"][i, :t] = d["audio_input_ids"]
+        out["audio_input_ids_mask"][i, :t] = True
+        out["audio_labels"][i, :t] = d["audio_labels"]
+    return out
+
+
+def port_config(cfg: BenchConfig, args) -> dict[str, Any]:
+    """HiggsAudioV2Config arguments of the same architecture (special ids of our tokenizer)."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.hidden_size // cfg.num_heads,
+        "num_codebooks": args.num_codebooks,
+        "codebook_size": args.codebook_size,
+        "audio_token_id": args.audio_out_token_id,
+        "audio_delay_token_id": args.audio_in_token_id,
+        "pad_token_id": args.pad_token_id,
+        "bos_token_id": args.pad_token_id,  # generation-only ids, in range for small vocabularies
+        "eos_token_id": args.pad_token_id,
+        "audio_bos_token_id": args.audio_out_bos_token_id,
+        "attn_implementation": "sdpa",
+    }
+
+
+def port_worker(inputs_file: str, use_text_head: bool, threads: int | None) -> None:
+    """The port's side (in the --hf-python interpreter): build the model, then for each line ``i`` on
+    stdin train on batch i (forward with its own loss, backward, clip 1.0, fused AdamW: HF Trainer's
+    defaults) and print ``{"loss", "step_s"}``; at end of input print ``{"peak_rss_gib"}``."""
+    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
+    if threads:
+        torch.set_num_threads(threads)
+    saved = torch.load(inputs_file, weights_only=True)
+    torch.manual_seed(0)
+    model = HiggsAudioV2ForConditionalGeneration(
+        HiggsAudioV2Config(**saved["config"]), use_text_head=use_text_head
+    ).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    for line in sys.stdin:
+        batch = saved["batches"][int(line)]
+        if not use_text_head:
+            batch = {k: v for k, v in batch.items() if k != "labels"}
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss.detach())
+        print(json.dumps({"loss": loss_value, "step_s": time.perf_counter() - start}), flush=True)
+    print(
+        json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True
+    )
+
+
+class PortSide:
+    """A port worker process driven one step at a time (so its steps interleave with the other sides')."""
+
+    def __init__(self, hf_python: str, inputs_file: Path, use_text_head: bool, threads: int | None) -> None:
+        command = [hf_python, str(Path(__file__).resolve()), "--port-worker", str(inputs_file)]
+        command += ["--port-text-head"] if use_text_head else []
+        command += ["--threads", str(threads)] if threads else []
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ)
+        )
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the port worker ended (exit {self.process.wait()}); its stderr is above")
+        return json.loads(line)
+
+    def step(self, index: int) -> tuple[float, float]:
+        """(loss, step seconds) of batch ``index``."""
+        self.process.stdin.write(f"{index}\n")
+        self.process.stdin.flush()
+        reply = self._reply()
+        return reply["loss"], reply["step_s"]
+
+    def finish(self) -> float:
+        """Peak RSS (GiB) of the worker, which then exits."""
+        self.process.stdin.close()
+        peak = self._reply()["peak_rss_gib"]
+        self.process.wait()
+        return peak
+
+
+def start_port_sides(cli) -> dict[str, PortSide]:
+    """Write the port's batches (the documents of our steps) and start one worker per port side."""
+    cfg = CONFIGS[cli.config]
+    args = model_args(cfg)
+    dataset, _ = build_rows(cfg, Path(cli.data_dir), args)
+    steps = step_rows(dataset, cli.warmup + cli.steps, cfg.batch_size)
+    batches = [
+        port_inputs(b, args.codebook_size, args.audio_out_token_id, args.pad_token_id)
+        for b in our_batches(dataset, steps)
+    ]
+    inputs_file = Path(cli.data_dir) / "port_inputs.pt"
+    torch.save({"config": port_config(cfg, args), "batches": batches}, inputs_file)
+    return {
+        side: PortSide(cli.hf_python, inputs_file, head, cli.threads) for side, head in PORT_SIDES.items()
+    }
+
+
 # ------------------------------------------------------------------------------------------ driver
 def prepare_side(side: str, cli):
-    """(step function, its batches, non-padding positions per step) of one side."""
+    """(step function, its batches, non-padding positions per step) of one side: ``ours`` (with
+    ``--text-weight``), ``ours_audio`` (text weight 0) or ``reference``."""
     cfg = CONFIGS[cli.config]
     device = torch.device(cli.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cli.dtype]
     args = model_args(cfg)
     dataset, layout = build_rows(cfg, Path(cli.data_dir), args)
     steps = step_rows(dataset, cli.warmup + cli.steps, cfg.batch_size)
-    if side == "ours":
+    if side in ("ours", "ours_audio"):
         batches = our_batches(dataset, steps)
         tokens = [int(b["num_tokens"].sum()) for b in batches]
-        return make_our_step(args, device, dtype, cli.mode, cli.our_optimizer), batches, tokens
+        text_weight = 0.0 if side == "ours_audio" else cli.text_weight
+        step = make_our_step(args, device, dtype, cli.mode, cli.our_optimizer, text_weight)
+        return step, batches, tokens
     batches = reference_batches(dataset, steps, layout)
     tokens = reference_tokens(batches, dataset.tokenizer.special)
     return make_reference_step(args, device, dtype), batches, tokens
@@ -362,23 +541,34 @@ def run_side(side: str, cli) -> dict[str, Any]:
     return finish_side(time_side(run, batches, cli.warmup, torch.device(cli.device)), tokens, cli)
 
 
-def run_interleaved(cli) -> dict[str, Any]:
-    """Both sides in this process, their steps alternating (reference step i, our step i, ...), so a
-    CPU shared with other work slows both alike. Peak RSS here counts both: not reported."""
-    prepared = {side: prepare_side(side, cli) for side in ("reference", "ours")}
-    times: dict[str, list[float]] = {side: [] for side in prepared}
-    losses: dict[str, list[float]] = {side: [] for side in prepared}
+def run_interleaved(cli, sides: list[str], ports: dict[str, PortSide]) -> dict[str, Any]:
+    """Every side's steps alternating (reference step i, our step i, port step i, ...), ours and the
+    reference in this process, the port's in its workers, so a CPU shared with other work slows all
+    alike. Peak RSS here counts several sides: not reported from this process."""
+    prepared = {side: prepare_side(side, cli) for side in sides}
+    times: dict[str, list[float]] = {side: [] for side in [*prepared, *ports]}
+    losses: dict[str, list[float]] = {side: [] for side in times}
     for i in range(cli.warmup + cli.steps):
-        for side, (run, batches, _) in prepared.items():
-            start = time.perf_counter()
-            losses[side].append(float(run(batches[i])))
+        for side in times:
+            if side in ports:
+                loss, elapsed = ports[side].step(i)
+            else:
+                run, batches, _ = prepared[side]
+                start = time.perf_counter()
+                loss = float(run(batches[i]))
+                elapsed = time.perf_counter() - start
+            losses[side].append(loss)
             if i >= cli.warmup:
-                times[side].append(time.perf_counter() - start)
+                times[side].append(elapsed)
     results = {}
-    for side, (_, _, tokens) in prepared.items():
+    reference_tokens = prepared[sides[0]][2]
+    for side in times:
+        tokens = prepared[side][2] if side in prepared else reference_tokens  # the port: our documents
         result = {"step_s": statistics.median(times[side]), "step_times": times[side], "losses": losses[side]}
         results[side] = finish_side(result, tokens, cli)
         del results[side]["peak_rss_gib"]
+    for side, port in ports.items():
+        results[side]["peak_rss_gib"] = port.finish()
     return results
 
 
@@ -396,17 +586,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--data-dir", default=None, help="synthetic data (made there if missing)")
-    parser.add_argument("--side", choices=["ours", "reference", "both"], default="both")
+    parser.add_argument("--side", choices=["ours", "ours_audio", "reference", "both"], default="both")
+    parser.add_argument(
+        "--text-weight", type=float, default=1.0, help="our side's loss.text_weight (0: text head skipped)"
+    )
+    parser.add_argument(
+        "--audio-only", action="store_true", help="also run ours with text weight 0 (side ours_audio)"
+    )
+    parser.add_argument(
+        "--hf-python",
+        default=None,
+        help="python of a virtualenv with transformers>=5.3: also run transformers' port with its text head "
+        "(side port) and without (port_audio, its default), next to ours with text weight 0",
+    )
+    parser.add_argument("--port-worker", default=None, help=argparse.SUPPRESS)  # the port's process
+    parser.add_argument("--port-text-head", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--our-optimizer",
-        choices=["adamw", "adamw_fused", "adamw8bit", "adamw_bf16"],
+        choices=["adamw", "adamw_fused", "adamw_foreach", "adamw8bit", "adamw_bf16"],
         default="adamw",
-        help="our side's optimizer: torch AdamW (default kernel / fused), torchao AdamW8bit, or AdamW with "
-        "bf16 moments (AdamWBF16Moments); the reference always runs torch.optim.AdamW, fused on CUDA",
+        help="our side's optimizer: torch AdamW (adamw = adamw_fused: the fused kernel, build_optimizer's "
+        "default; or foreach), torchao AdamW8bit, or AdamW with bf16 moments (AdamWBF16Moments); the "
+        "reference always runs torch.optim.AdamW, fused on CUDA",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     cli = parser.parse_args(argv)
+    if cli.port_worker:
+        port_worker(cli.port_worker, cli.port_text_head, cli.threads)
+        return {}
     if cli.small:
         cli.config, cli.steps, cli.warmup = "small", 2, 1
         cli.mode = "eager" if cli.mode == "compile" and cli.device == "cpu" else cli.mode
@@ -417,32 +625,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if cli.data_dir is None:
             cli.data_dir = tmp
+        ours = ["ours", "ours_audio"] if cli.audio_only or cli.hf_python else ["ours"]
         if cli.side != "both":
             result = {cli.side: run_side(cli.side, cli)}
         elif cli.device.startswith("cuda"):
             result = {}
-            for side in ("reference", "ours"):
+            for side in ("reference", *ours):
                 result[side] = run_side(side, cli)
                 gc.collect()  # the side's model, optimizer and compiled graphs go before the next
                 torch.cuda.empty_cache()
+            if cli.hf_python:
+                raise SystemExit("bench.py: the port runs on CPU only (--hf-python without --device cuda)")
         else:
             # Times from one process, steps interleaved; peak RSS from one fresh process per side
             # (one warm-up + one timed step: the optimizer state exists after the first step).
             # The subprocesses run FIRST: Linux carries a parent's ru_maxrss high-water mark into the
             # children it spawns, so they must start while this process is still small.
             isolated = {
-                side: run_in_subprocess(side, cli, steps=1, warmup=1) for side in ("reference", "ours")
+                side: run_in_subprocess(side, cli, steps=1, warmup=1) for side in ("reference", *ours)
             }
-            result = run_interleaved(cli)
-            for side in ("reference", "ours"):
-                result[side]["peak_rss_gib"] = isolated[side]["peak_rss_gib"]
+            ports = start_port_sides(cli) if cli.hf_python else {}
+            result = run_interleaved(cli, ["reference", *ours], ports)
+            for side, figures in isolated.items():
+                result[side]["peak_rss_gib"] = figures["peak_rss_gib"]
     if cli.side == "both":
-        result["ratio"] = {
-            "tokens_per_s": result["ours"]["tokens_per_s"] / result["reference"]["tokens_per_s"],
-            "step_time": result["ours"]["step_s"] / result["reference"]["step_s"],
-        }
         mem_key = "peak_mem_gib" if cli.device.startswith("cuda") else "peak_rss_gib"
-        result["ratio"]["peak_memory"] = result["ours"][mem_key] / result["reference"][mem_key]
+        result["ratio"] = ratios(result["ours"], result["reference"], mem_key)
+        for mine, theirs in (("ours", "port"), ("ours_audio", "port_audio")):
+            if theirs in result:
+                result[f"ratio_{mine}_{theirs}"] = ratios(result[mine], result[theirs], mem_key)
         result["settings"] = {k: v for k, v in vars(cli).items() if k != "json"} | {
             "bench_config": asdict(CONFIGS[cli.config]),
             "torch": torch.__version__,
@@ -454,6 +665,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cli.side != "both":
         print(json.dumps(result))
     return result
+
+
+def ratios(mine: dict[str, Any], theirs: dict[str, Any], mem_key: str) -> dict[str, float]:
+    return {
+        "tokens_per_s": mine["tokens_per_s"] / theirs["tokens_per_s"],
+        "step_time": mine["step_s"] / theirs["step_s"],
+        "peak_memory": mine[mem_key] / theirs[mem_key],
+    }
 
 
 def run_in_subprocess(side: str, cli, steps: int, warmup: int) -> dict[str, Any]:
@@ -479,6 +698,8 @@ def run_in_subprocess(side: str, cli, steps: int, warmup: int) -> dict[str, Any]
         cli.data_dir,
         "--our-optimizer",
         cli.our_optimizer,
+        "--text-weight",
+        str(cli.text_weight),
     ]
     if cli.threads:
         command += ["--threads", str(cli.threads)]
@@ -489,27 +710,45 @@ def run_in_subprocess(side: str, cli, steps: int, warmup: int) -> dict[str, Any]
     return json.loads(done.stdout.strip().splitlines()[-1])[side]
 
 
+SIDE_NAMES = {
+    "reference": "Boson's reference",
+    "port": "transformers' port, text head",
+    "port_audio": "transformers' port, audio only (its default)",
+    "ours": "ours",
+    "ours_audio": "ours, `loss.text_weight=0`",
+}
+
+
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     mem_key = "peak_mem_gib" if "peak_mem_gib" in result["ours"] else "peak_rss_gib"
     mem_name = "peak CUDA memory (GiB)" if mem_key == "peak_mem_gib" else "peak RSS (GiB)"
     lines = [
         f"config `{s['config']}` {s['bench_config']}, device {s['device']}, dtype {s['dtype']}, our mode "
-        f"`{s['mode']}` with {s['our_optimizer']} (reference: torch AdamW), median of {s['steps']} steps after {s['warmup']} warm-up, torch {s['torch']}, "
-        f"{s['threads']} threads",
+        f"`{s['mode']}` with {s['our_optimizer']} (reference and port: torch AdamW), median of {s['steps']} "
+        f"steps after {s['warmup']} warm-up, torch {s['torch']}, {s['threads']} threads",
         "",
         f"| side | tokens/s | step time (s) | {mem_name} | MFU |",
         "|---|---|---|---|---|",
     ]
-    for side in ("reference", "ours"):
-        r = result[side]
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
-        lines.append(f"| {side} | {r['tokens_per_s']:.1f} | {r['step_s']:.3f} | {r[mem_key]:.2f} | {mfu} |")
-    ratio = result["ratio"]
-    lines.append(
-        f"| ours / reference | {ratio['tokens_per_s']:.2f}x | {ratio['step_time']:.2f}x | "
-        f"{ratio['peak_memory']:.2f}x | |"
-    )
+    for side, name in SIDE_NAMES.items():
+        if side in result:
+            r = result[side]
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+            lines.append(
+                f"| {name} | {r['tokens_per_s']:.1f} | {r['step_s']:.3f} | {r[mem_key]:.2f} | {mfu} |"
+            )
+    for key, name in (
+        ("ratio", "ours / reference"),
+        ("ratio_ours_port", "ours / port (text + audio)"),
+        ("ratio_ours_audio_port_audio", "ours text_weight=0 / port audio only"),
+    ):
+        if key in result:
+            ratio = result[key]
+            lines.append(
+                f"| {name} | {ratio['tokens_per_s']:.2f}x | {ratio['step_time']:.2f}x | "
+                f"{ratio['peak_memory']:.2f}x | |"
+            )
     return "\n".join(lines)
 
 

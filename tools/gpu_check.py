@@ -6,12 +6,15 @@ for docs/benchmarks.md.
     python tools/gpu_check.py --device cpu --skip-bench   # the eager/compile part, to test the script
 
 1. Numerics: the tiny model, 5 optimizer steps with gradient accumulation 2 on the same synthetic packed
-   batches, in every mode, fp32: compile, functional, then cudagraph as the eager fallback (no capture,
-   first: a failed capture can leave the CUDA context unusable), with eager fused AdamW, with the
-   optimizer captured, with only the decoder blocks compiled, with the non-finite check the recipe
-   uses, and switched to after 2 eager steps with the optimizer captured (a resumed run: its optimizer
-   state must survive the warm-up). Reports the largest loss and parameter difference to eager.
-2. Benchmark: ``tools/bench.py --config 3b --device cuda``: the reference step once, then our ``compile``
+   batches, in every mode, fp32: compile, then cudagraph as the eager fallback (no capture, first: a
+   failed capture can leave the CUDA context unusable), with eager fused AdamW, with the optimizer
+   captured, with the model eager inside the graph, with the non-finite check the recipe uses, and
+   switched to after 2 eager steps with the optimizer captured (a resumed run: its optimizer state must
+   survive the warm-up). Reports the largest loss and parameter difference to eager.
+2. Host syncs: eager, compile and cudagraph steps (fused AdamW, the recipe's non-finite check) run
+   under ``torch.cuda.set_sync_debug_mode("error")`` after their first step: any synchronising call
+   inside the step raises. Also reports whether a later step compiled a new graph.
+3. Benchmark: ``tools/bench.py --config 3b --device cuda``: the reference step once, then our ``compile``
    and ``cudagraph`` modes (bf16): tokens/s, step time, peak memory, MFU, ratio to the reference.
 3. Consumer configs: ``configs/rtx24gb_lora.yaml`` and ``configs/rtx16gb_qlora.yaml`` run by the
    recipe's own class for 20 steps on the 3B architecture with random weights (synthetic data, tiny
@@ -52,7 +55,6 @@ def numerics(device: torch.device, data_dir: Path) -> list[str]:
     import bench
 
     from higgs_tune.loss import AlignedLoss
-    from higgs_tune.loss import aligned_loss as aligned_loss_module
     from higgs_tune.training.optim import build_optimizer
     from higgs_tune.training.step import build_train_step
 
@@ -61,13 +63,6 @@ def numerics(device: torch.device, data_dir: Path) -> list[str]:
     dataset, _ = bench.build_rows(cfg, data_dir, args)
     steps = bench.step_rows(dataset, NUM_STEPS * ACCUMULATION, cfg.batch_size)
     batches = [{k: v.to(device) for k, v in b.items()} for b in bench.our_batches(dataset, steps)]
-
-    def transform_safe_loss():
-        try:
-            return AlignedLoss(checkpoint_text_chunks=False)
-        except TypeError:
-            aligned_loss_module.checkpoint = lambda fn, *a, use_reentrant: fn(*a)  # this script only
-            return AlignedLoss()
 
     def train(mode: str, eager_steps_first: int = 0, **options):
         from higgs_tune.models.higgs_audio.builders import build_model
@@ -84,7 +79,7 @@ def numerics(device: torch.device, data_dir: Path) -> list[str]:
         from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, 2, NUM_STEPS)
-        loss_fn = transform_safe_loss() if mode == "functional" else AlignedLoss()
+        loss_fn = AlignedLoss()
         step = build_train_step("eager", model, loss_fn, optimizer, scheduler, 1.0)
         losses = []
         for i in range(NUM_STEPS):
@@ -95,13 +90,13 @@ def numerics(device: torch.device, data_dir: Path) -> list[str]:
 
     reference_losses, reference_params = train("eager")
     rows = [f"| eager | {', '.join(f'{x:.4f}' for x in reference_losses.tolist())} | 0 | 0 |"]
-    variants = [("compile", {}), ("functional", {})]
+    variants = [("compile", {})]
     if device.type == "cuda":
         variants += [
             ("cudagraph", {"capture": False}),
             ("cudagraph", {"capture_optimizer": False}),
             ("cudagraph", {"capture_optimizer": True}),
-            ("cudagraph", {"compile_scope": "blocks"}),
+            ("cudagraph", {"compile_model": False}),
             ("cudagraph", {"skip_nonfinite": True}),
             ("cudagraph", {"capture_optimizer": True, "eager_steps_first": 2}),
         ]
@@ -119,6 +114,49 @@ def numerics(device: torch.device, data_dir: Path) -> list[str]:
             rows.append(f"| {name} | FAILED: {type(error).__name__}: {str(error)[:200]} | | |")
         print(rows[-1], file=sys.stderr, flush=True)
         torch._dynamo.reset()
+    return rows
+
+
+def host_syncs(device: torch.device, data_dir: Path) -> list[str]:
+    """Markdown table rows: mode, whether 2 steps passed under set_sync_debug_mode("error"), graphs
+    compiled after the first step."""
+    import bench
+    from torch._dynamo.utils import counters
+
+    from higgs_tune.loss import AlignedLoss
+    from higgs_tune.models.higgs_audio.builders import build_model
+    from higgs_tune.training.optim import build_optimizer
+    from higgs_tune.training.step import build_train_step
+
+    cfg = bench.CONFIGS["small"]
+    args = bench.model_args(cfg)
+    dataset, _ = bench.build_rows(cfg, data_dir, args)
+    steps = bench.step_rows(dataset, 3 * ACCUMULATION, cfg.batch_size)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in bench.our_batches(dataset, steps)]
+    rows = []
+    for mode in ("eager", "compile", "cudagraph"):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = build_model(args, device=device, dtype=torch.float32)
+        optimizer = build_optimizer(model.parameters(), lr=1e-3)  # fused AdamW
+        step = build_train_step(mode, model, AlignedLoss(), optimizer, None, 1.0, skip_nonfinite=True)
+        try:
+            step(batches[:ACCUMULATION])
+            graphs = counters["stats"]["unique_graphs"]
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for i in (1, 2):
+                    metrics = step(batches[i * ACCUMULATION : (i + 1) * ACCUMULATION])
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            new_graphs = counters["stats"]["unique_graphs"] - graphs
+            rows.append(f"| {mode} | passed (loss {metrics['loss'].item():.4f}) | {new_graphs} |")
+        except Exception as error:
+            traceback.print_exc()
+            rows.append(f"| {mode} | FAILED: {type(error).__name__}: {str(error)[:200]} | |")
+        print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
@@ -350,6 +388,15 @@ def main(argv: list[str] | None = None) -> None:
             *rows,
         )
         print(f"numerics took {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        if device.type == "cuda":
+            report.add(
+                "",
+                '### Host syncs inside the step (`torch.cuda.set_sync_debug_mode("error")`, steps 2-3)',
+                "",
+                "| mode | result | graphs compiled after step 1 |",
+                "|---|---|---|",
+                *host_syncs(device, Path(tmp) / "numerics"),
+            )
         if not cli.skip_bench:
             benchmark(report, cli, Path(tmp) / "bench")
         if not cli.skip_consumer:

@@ -8,7 +8,7 @@ loss of that sample alone (token means over its own targets). Its gradient norm 
 gradient of that loss with respect to the selected trainable parameters (``--params``: ``audio``, the
 audio adapter: audio FFNs and norms, codebook embeddings, audio head; ``all``; or a comma-separated list
 of name substrings). Per-sample gradients come from ``torch.func.vmap`` over the rows of a chunk of
-the pure gradient function of the functional step (:func:`higgs_tune.training.step.make_functional_grad_fn`).
+the pure gradient function of the functional step (:func:`higgs_tune.training.functional.make_functional_grad_fn`).
 
 Samples are printed sorted by the chosen key (``--sort``: ``loss``, ``grad_norm``, ``text_loss`` or
 ``audio_loss``; compare like with like: a transcription sample's loss is mostly text CE, a TTS
@@ -98,7 +98,7 @@ def score_rows(
     Returns:
         (loss [N], grad_norm [N], text_loss [N], audio_loss [N]) fp32.
     """
-    from higgs_tune.training.step import make_functional_grad_fn
+    from higgs_tune.training.functional import make_functional_grad_fn
 
     params = {name: p.detach() for name, p in model.named_parameters() if name in set(param_names)}
     grad_fn = make_functional_grad_fn(model, loss_fn, backend=None)

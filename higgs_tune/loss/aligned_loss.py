@@ -1,13 +1,13 @@
 """The aligned loss: text cross-entropy + per-codebook audio cross-entropy, with no shifting.
 
-The packer builds the targets once (``higgs_tune/data/batch.py``, design.md §2.1): ``text_targets[b, t]``
+The packer builds the targets once (``higgs_tune/data/batch.py``; docs/architecture.md, "Data flow and the one shift"): ``text_targets[b, t]``
 is the label of position t+1 and ``audio_targets[b, k, t]`` the label of codebook k at column t+1. The
 model returns logits only at the positions listed in ``batch["text_target_index"]`` and
 ``batch["audio_target_index"]``; this loss gathers the targets at the SAME index tensors and compares
 ``logits[i]`` with ``targets[i]``. Leading shapes must be identical: a mismatch is a ``ValueError`` naming
 both shapes (never trimmed).
 
-Default formula (Boson's reference, spec §6.4)::
+Default formula (Boson's reference, ``higgs_tune/loss/reference.py``)::
 
     loss = text_loss + mean_k codebook_loss[k]
     text_loss        = sum of text CE over valid text targets / N_text
@@ -207,8 +207,9 @@ def audio_cross_entropy(
     return ce.view(num_rows, num_codebooks).sum(0), z.sum(0), hits
 
 
-def _logits_from(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text_logits, audio_logits) from a model output given as a mapping or an object with attributes."""
+def _logits_from(outputs: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(text_logits, audio_logits) from a model output given as a mapping or an object with attributes
+    (text_logits may be None: the model skipped the text head)."""
     if isinstance(outputs, Mapping):
         missing = [name for name in ("text_logits", "audio_logits") if name not in outputs]
         if missing:
@@ -235,7 +236,8 @@ class AlignedLoss(nn.Module):
           text_chunk_size: 256
 
     Args:
-        text_weight: weight of the text term (reference: 1.0).
+        text_weight: weight of the text term (reference: 1.0). 0: the training step does not compute
+            the text head at all (the recipe freezes it; validation still measures the text loss).
         codebook_weights: K non-negative relative weights, or None for uniform.
         codebook_reduction: ``"mean"``: ``audio_loss = sum_k w_k L_k / sum_k w_k`` (uniform -> the plain
             mean over codebooks of Boson's reference); ``"sum"``: ``audio_loss = sum_k w_k L_k``
@@ -330,7 +332,8 @@ class AlignedLoss(nn.Module):
 
         Args:
             outputs: the model's training output (mapping or object) with
-                ``text_logits`` [B, C_tt, V] at ``batch["text_target_index"]`` and
+                ``text_logits`` [B, C_tt, V] at ``batch["text_target_index"]`` (None: not computed, only
+                with ``text_weight`` 0; the text loss and accuracy are then 0) and
                 ``audio_logits`` [B, C_at, K, C] at ``batch["audio_target_index"]``, model dtype.
             batch: the packed batch (``higgs_tune.data.batch``); reads ``text_targets`` [B, L],
                 ``audio_targets`` [B, K, L], ``text_target_index`` [B, C_tt], ``audio_target_index``
@@ -352,7 +355,13 @@ class AlignedLoss(nn.Module):
         audio_targets = gather_at(batch["audio_targets"], batch["audio_target_index"])  # [B, K, C_at]
         audio_targets = audio_targets.transpose(1, 2)  # [B, C_at, K], the layout of the logits
 
-        if text_logits.dim() != 3 or text_logits.shape[:2] != text_targets.shape:
+        if text_logits is None:
+            if self.text_weight != 0.0:
+                raise ValueError(
+                    f"the model computed no text logits but loss.text_weight is {self.text_weight}; only a "
+                    "loss with text_weight 0 may skip the text head"
+                )
+        elif text_logits.dim() != 3 or text_logits.shape[:2] != text_targets.shape:
             raise ValueError(
                 f"text logits of shape {tuple(text_logits.shape)} do not match the text targets gathered "
                 f"at text_target_index, shape {tuple(text_targets.shape)} (expected [B, C_tt, V] with "
@@ -380,14 +389,19 @@ class AlignedLoss(nn.Module):
                 f"got {tuple(num_audio_targets_global.shape)}"
             )
         # Zero targets in the global batch: the term is SUM(nothing) / 1 = 0 (no NaN), still in the graph.
-        text_ce_sum, text_z_sum, text_hits = chunked_text_cross_entropy(
-            text_logits.flatten(0, 1),
-            text_targets.flatten(),
-            self.text_chunk_size,
-            self.label_smoothing,
-            with_z=self.z_loss_weight > 0.0,
-            checkpoint_chunks=self.checkpoint_text_chunks,
-        )
+        if text_logits is None:  # no text head computed (text_weight 0): the text terms are 0, unmeasured
+            text_ce_sum = text_z_sum = text_hits = audio_logits.new_zeros(
+                (), dtype=_compute_dtype(audio_logits.dtype)
+            )
+        else:
+            text_ce_sum, text_z_sum, text_hits = chunked_text_cross_entropy(
+                text_logits.flatten(0, 1),
+                text_targets.flatten(),
+                self.text_chunk_size,
+                self.label_smoothing,
+                with_z=self.z_loss_weight > 0.0,
+                checkpoint_chunks=self.checkpoint_text_chunks,
+            )
         audio_ce_sums, audio_z_sums, audio_hits = audio_cross_entropy(
             audio_logits.flatten(0, 1),
             audio_targets.flatten(0, 1),
@@ -400,7 +414,7 @@ class AlignedLoss(nn.Module):
         text_loss = text_ce_sum / text_denominator
         codebook_losses = audio_ce_sums / audio_denominator
         audio_loss = self._combine_codebooks(codebook_losses)
-        loss = self.text_weight * text_loss + audio_loss
+        loss = audio_loss if text_logits is None else self.text_weight * text_loss + audio_loss
         if self.z_loss_weight > 0.0:
             z_loss = self.z_loss_weight * (
                 text_z_sum / text_denominator + self._combine_codebooks(audio_z_sums / audio_denominator)

@@ -1,4 +1,4 @@
-"""Boson's reference loss (spec §6.4), written literally on Boson-style, UNSHIFTED tensors.
+"""Boson's reference loss (the formula of docs/architecture.md, "The loss"), written literally on Boson-style, UNSHIFTED tensors.
 
 This is the formula the aligned loss must reproduce. It works on the outputs of Boson's
 ``HiggsAudioModel`` (``logits``, ``expanded_labels``, ``audio_logits``) and collator (``label_audio_ids``,
@@ -48,7 +48,7 @@ def reference_loss(
     label_audio_ids: torch.Tensor,
     audio_out_ids_start: torch.Tensor,
 ) -> ReferenceLossOutput:
-    """Boson's training loss (spec §6.4) on unshifted tensors.
+    """Boson's training loss on unshifted tensors.
 
     Args:
         logits: [B, S', V] text logits at every merged position.

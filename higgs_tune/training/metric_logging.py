@@ -1,7 +1,7 @@
 """Metric logging: TensorBoard event files and a JSON-lines copy of the same records.
 
 ``<output_dir>/logs`` holds the TensorBoard events (``tensorboard --logdir <output_dir>/logs``) and
-``<output_dir>/metrics.jsonl`` one JSON object per logged step (design.md §6). Values may be Python
+``<output_dir>/metrics.jsonl`` one JSON object per logged step (the config's ``metric_logger``, README.md "Monitoring"). Values may be Python
 numbers or tensors; tensors are converted here, at logging time, so the training step itself never
 synchronises with the host. A tensor with several elements (per-codebook losses) is written as
 ``name/0 .. name/K-1`` to TensorBoard and as a list to the JSON line. Waveforms (generated speech, when

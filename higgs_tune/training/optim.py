@@ -8,13 +8,13 @@ YAML (``optimizer._component_: higgs_tune.training.optim.build_optimizer``)::
       lr: 2.0e-5
       betas: [0.9, 0.95]
       weight_decay: 0.0
-      implementation: fused    # adamw only: fused | foreach | for_loop | null (torch's default)
+      implementation: null     # adamw only: fused | foreach | for_loop | null (fused; torch's choice when capturable)
       lr_as_tensor: true       # required by compile / cudagraph(capture_optimizer) modes
       capturable: false        # cudagraph with capture_optimizer=true
       master_weights: false    # fp32 master copy of bf16/fp16 parameters
       moment_dtype: fp32       # adamw only: fp32 | bf16 (AdamWBF16Moments: half the state memory)
-      in_backward: false       # one optimizer per parameter, stepped inside backward (step mode
-                               # optimizer_in_backward; higgs_tune/training/optimizer_in_backward.py)
+      in_backward: false       # one optimizer per parameter, stepped inside backward
+                               # (higgs_tune/training/optimizer_in_backward.py)
 
 Mixed precision (bf16 parameters and activations): ``torch.optim.AdamW`` keeps its moments in the
 parameter dtype, so for bf16 parameters pass ``master_weights: true``: the optimizer then updates fp32
@@ -65,7 +65,9 @@ def build_optimizer(
     Args:
         name: ``"adamw"`` (``torch.optim.AdamW``) or ``"adamw8bit"`` (``torchao.optim.AdamW8bit``:
             block-quantised 8-bit moments, about a quarter of AdamW's state memory for fp32 moments).
-        implementation: AdamW kernel: ``"fused"``, ``"foreach"``, ``"for_loop"`` or None (torch picks).
+        implementation: AdamW kernel: ``"fused"``, ``"foreach"``, ``"for_loop"`` or None: fused (one
+            kernel, and the one that skips a non-finite step on the device, see
+            :mod:`higgs_tune.training.nonfinite`), torch's choice when ``capturable``.
         lr_as_tensor: hold the LR in a 0-dim tensor (on the parameters' device when ``capturable``) so a
             compiled or captured optimizer step reads it instead of baking it in.
         capturable: AdamW ``capturable=True`` (state on the device, no host syncs: CUDA-graph capture).
@@ -75,7 +77,7 @@ def build_optimizer(
             ``implementation``/``capturable``).
         in_backward: return an :class:`~higgs_tune.training.optimizer_in_backward.OptimizerInBackward`:
             one optimizer (built by this function with the same arguments) per parameter, stepped inside
-            the backward pass by the ``optimizer_in_backward`` step mode.
+            the training step's backward pass.
         rounding_seed: :class:`AdamWBF16Moments` only: varies its stochastic-rounding pattern.
     """
     params = [p for p in params]
@@ -137,6 +139,8 @@ def build_optimizer(
             rounding_seed=rounding_seed,
         )
     kernel: dict[str, Any] = {}
+    if implementation is None and not capturable:
+        implementation = "fused"
     if implementation == "fused":
         kernel["fused"] = True
     elif implementation == "foreach":

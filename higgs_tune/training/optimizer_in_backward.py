@@ -1,49 +1,71 @@
 """Optimizer-in-backward for full fine-tuning: each parameter is updated inside the backward pass as soon
-as its gradient is complete, and the gradient is freed right after (torchtune's pattern,
-``register_post_accumulate_grad_hook``). The gradients of all parameters never exist at once: the
-largest one alive is about one parameter's (for the 3B model: the 128256 x 3072 text head or text
+as its gradient is complete, and the gradient is freed right after (torchtune's ``OptimizerInBackward``
+pattern, ``register_post_accumulate_grad_hook``). The gradients of all parameters never exist at once:
+the largest one alive is about one parameter's (for the 3B model: the 128256 x 3072 text head or text
 embedding, 1.5 GB in fp32, instead of 12 GB for all of them).
 
-Two pieces:
+:class:`OptimizerInBackward` is one optimizer per parameter (e.g. ``torch.optim.AdamW([p], fused=True)``
+or :class:`~higgs_tune.training.optim.AdamWBF16Moments`), seen from outside as ONE optimizer: one param
+group whose hyperparameters an LR scheduler drives (each parameter's optimizer reads them when it steps:
+a float LR copied, a tensor LR shared), and ``state_dict`` / ``load_state_dict`` in torch.optim's format
+(the one optimizer over the same parameters would produce and accept the same dict). It owns its
+gradient hooks; they update only inside :meth:`OptimizerInBackward.updating_in_backward` (the training
+step's backward), so another backward on the same model leaves ``.grad`` alone. Built from YAML by
+``build_optimizer(..., in_backward=True)``; the training step (:mod:`higgs_tune.training.step`) sees it
+and runs its backward inside that context.
 
-* :class:`OptimizerInBackward`: one optimizer per parameter (e.g. ``torch.optim.AdamW([p])`` or
-  :class:`~higgs_tune.training.optim.AdamWBF16Moments`), seen from outside as ONE optimizer: one param
-  group whose hyperparameters an LR scheduler drives (each parameter's optimizer reads them when it
-  steps: a float LR copied, a tensor LR shared), and ``state_dict`` / ``load_state_dict`` in
-  torch.optim's format (the one optimizer over the same parameters would produce and accept the same
-  dict). Built from YAML by ``build_optimizer(..., in_backward=True)``.
-* :class:`OptimizerInBackwardTrainStep` (step mode ``optimizer_in_backward``): forward, loss, and a
-  backward whose post-accumulate-grad hooks step each parameter's optimizer.
-
-What the mode cannot do, and says so:
+What it cannot do, and the step says so:
 
 * gradient accumulation: a step is ONE micro-batch (the update happens inside its backward);
 * global gradient-norm clipping: the norm is known only after the last gradient, when every other
-  parameter is already updated. ``max_grad_norm`` must be None; the total norm is still measured (sum of
-  the per-parameter squared norms) and returned as ``grad_norm``;
-* data parallelism (``process_group``): not implemented;
-* skipping a non-finite step: the loss is checked BEFORE the backward (a non-finite loss updates
-  nothing); a gradient that is non-finite although the loss is finite skips only ITS parameter, the
-  ones updated before it stay updated (``skipped_parameters`` counts them).
+  parameter is already updated. ``max_grad_norm`` must be None; the total norm is still measured (the
+  norm of the per-parameter norms) and returned as ``grad_norm``;
+* data parallelism: not implemented;
+* skipping a whole non-finite step: a non-finite loss skips every parameter's update (the flag is on the
+  device, computed before the backward); a gradient that is non-finite although the loss is finite
+  skips only ITS parameter, the ones updated before it stay updated (``skipped_parameters`` counts them).
+  With fused torch AdamW per parameter nothing is read on the host; other per-parameter optimizers read
+  each parameter's flag on the host (:mod:`higgs_tune.training.nonfinite`).
 
-Where the memory goes (and why the step compiles per block): when forward + loss are compiled as one
-graph, AOTAutograd's backward is one autograd node that returns every gradient at once, so every
-gradient is alive together before the first hook runs. Here the decoder blocks are compiled one by one
-(each block's backward returns only that block's gradients) and the embeddings, final norm and heads
-stay eager, so the text head's gradient is freed before the embedding's is computed.
+Where the memory goes (and why the model transform compiles per block for this optimizer): when forward
++ loss are compiled as one graph, AOTAutograd's backward is one autograd node that returns every gradient
+at once, so every gradient is alive together before the first hook runs. With the decoder blocks compiled
+one by one (each block's backward returns only that block's gradients) and the embeddings, final norm and
+heads eager, the text head's gradient is freed before the embedding's is computed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
-from higgs_tune.loss import LossOutput, global_target_counts
-from higgs_tune.training.step import TrainStep
+from higgs_tune.training.nonfinite import step_unless
+
+
+@dataclass
+class BackwardPass:
+    """What one :meth:`OptimizerInBackward.updating_in_backward` backward measured.
+
+    Fields:
+        skip: [] bool (device) or None: skip every update (the loss was non-finite); None: no policy.
+        grad_norms: parameter -> [] norm of its gradient, for the parameters that got one.
+        skipped_parameters: [] int64 (device), updates not applied (non-finite loss or gradient).
+    """
+
+    skip: torch.Tensor | None
+    grad_norms: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
+    skipped_parameters: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def total_grad_norm(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The norm of the per-parameter norms in ``params`` order (as ``torch.nn.utils.get_total_norm``);
+        parameters without a gradient were not updated (as torch optimizers skip grad=None) and do not
+        count. Returns [] (0 when no parameter got a gradient)."""
+        norms = [self.grad_norms[p] for p in params if p in self.grad_norms]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 class _PerParameterState(Mapping):
@@ -99,26 +121,74 @@ class OptimizerInBackward(torch.optim.Optimizer):
         first = self.optimizers[params[0]].param_groups[0]
         super().__init__(params, {key: value for key, value in first.items() if key != "params"})
         self.state = _PerParameterState(self.optimizers)  # type: ignore[assignment]
+        self._backward_pass: BackwardPass | None = None
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in params]
+
+    @contextmanager
+    def updating_in_backward(self, skip: torch.Tensor | None = None) -> Iterator[BackwardPass]:
+        """Inside this context every gradient that completes updates its parameter and is freed.
+
+        Args:
+            skip: [] bool on the device (e.g. ``~isfinite(loss)``): when true no parameter is updated;
+                None: no non-finite policy (every gradient is applied).
+
+        Yields the :class:`BackwardPass` that records the gradient norms and skipped updates."""
+        if not self._hooks:
+            raise RuntimeError("this optimizer's gradient hooks were removed (remove_hooks)")
+        record = BackwardPass(skip)
+        if skip is not None:
+            record.skipped_parameters = record.skipped_parameters.to(skip.device)
+        self._backward_pass = record
+        try:
+            yield record
+        finally:
+            self._backward_pass = None
+
+    def _on_gradient(self, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: measure the gradient, update the parameter (unless its update is
+        skipped), free the gradient. Outside :meth:`updating_in_backward` it leaves ``.grad`` alone."""
+        record = self._backward_pass
+        if record is None:
+            return
+        norm = torch.nn.utils.get_total_norm([param.grad])  # as the step's clipping measures it
+        record.grad_norms[param] = norm
+        if record.skip is None:
+            self.step_parameter(param)
+            return
+        skip = record.skip | ~torch.isfinite(norm)
+        record.skipped_parameters = record.skipped_parameters + skip
+        self._copy_hyperparameters(param)
+        step_unless(self.optimizers[param], skip)
+        param.grad = None
+
+    def remove_hooks(self) -> None:
+        """Unregister the gradient hooks (the model trains normally again with another optimizer)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _copy_hyperparameters(self, param: torch.Tensor) -> None:
+        own = self.optimizers[param].param_groups[0]
+        for key, value in self.param_groups[0].items():
+            if key != "params":
+                own[key] = value
 
     @torch.no_grad()
     def step_parameter(self, param: torch.Tensor) -> None:
         """Update ``param`` with its optimizer from its ``.grad`` (current hyperparameters of the group),
         then free the gradient."""
-        optimizer = self.optimizers[param]
-        own = optimizer.param_groups[0]
-        for key, value in self.param_groups[0].items():
-            if key != "params":
-                own[key] = value
-        optimizer.step()
+        self._copy_hyperparameters(param)
+        self.optimizers[param].step()
         param.grad = None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         """Update every parameter that has a gradient, one by one, freeing each gradient.
 
-        The in-backward step never calls this (its hooks call :meth:`step_parameter`); it serves an
-        ordinary loop (backward, then ``step``) and torch.distributed.checkpoint, which initialises empty
-        optimizer state by stepping once with zero gradients and a zero LR."""
+        After a backward inside :meth:`updating_in_backward` no gradient is left and this does nothing
+        (the training step still calls it, which tells an LR scheduler the optimizer stepped); it serves
+        an ordinary loop (backward, then ``step``) and torch.distributed.checkpoint, which initialises
+        empty optimizer state by stepping once with zero gradients and a zero LR."""
         if closure is not None:
             raise ValueError("OptimizerInBackward.step takes no closure")
         for group in self.param_groups:
@@ -168,135 +238,3 @@ class OptimizerInBackward(torch.optim.Optimizer):
                         "param_groups": [{**hyperparameters, "params": [0]}],
                     }
                 )
-
-
-class OptimizerInBackwardTrainStep(TrainStep):
-    """One optimizer step = one micro-batch: forward, loss, and a backward that updates each parameter
-    as soon as its gradient is complete (see the module docstring for what this mode refuses and why).
-
-    Args (beyond :class:`TrainStep`):
-        optimizer: an :class:`OptimizerInBackward` over every trainable parameter
-            (``build_optimizer(..., in_backward=True)``).
-        max_grad_norm: must be None (no global-norm clipping in backward); the norm is still returned.
-        process_group: must be None.
-        compile_blocks: compile each decoder layer (``layer.compile(fullgraph=True)``, in place: evaluation
-            and generation run the compiled layers too). The embeddings, final norm and heads stay eager
-            so that their large gradients are produced (and freed) one at a time.
-        compile_loss: compile the loss (``fullgraph=True``); it holds no parameters.
-        backend: ``torch.compile`` backend.
-
-    Metrics: as :class:`TrainStep`; with ``skip_nonfinite`` also ``skipped_parameters`` (parameters whose
-    non-finite gradient was not applied; all of them when the loss is non-finite, then ``grad_norm`` is
-    NaN since no backward ran) and ``update_skipped`` (1 when at least one parameter was not updated).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        max_grad_norm: float | None = None,
-        process_group: dist.ProcessGroup | None = None,
-        compile_blocks: bool = True,
-        compile_loss: bool = True,
-        backend: str | Callable = "inductor",
-        **common: Any,
-    ) -> None:
-        super().__init__(model, loss_fn, optimizer, lr_scheduler, max_grad_norm, process_group, **common)
-        if not isinstance(optimizer, OptimizerInBackward):
-            raise TypeError(
-                f"step mode optimizer_in_backward needs an OptimizerInBackward (build_optimizer(..., "
-                f"in_backward=True)), got {type(optimizer).__name__}"
-            )
-        if max_grad_norm is not None:
-            raise ValueError(
-                f"optimizer_in_backward cannot clip the global gradient norm (max_grad_norm={max_grad_norm}): "
-                "each parameter is updated before the next gradient exists. Set max_grad_norm: null "
-                "(the norm is still measured and logged)"
-            )
-        if process_group is not None:
-            raise ValueError(
-                "optimizer_in_backward does not support data parallelism (process_group must be None)"
-            )
-        missing = [
-            name for name, p in model.named_parameters() if p.requires_grad and p not in optimizer.optimizers
-        ]
-        if missing:
-            raise ValueError(
-                f"trainable parameters without an optimizer in OptimizerInBackward: {missing[:5]}"
-            )
-        if compile_blocks:
-            layers = getattr(model, "layers", None)
-            if not isinstance(layers, nn.ModuleList):
-                raise ValueError(
-                    f"compile_blocks=True needs model.layers (a ModuleList); {type(model).__name__} has none"
-                )
-            for layer in layers:
-                layer.compile(fullgraph=True, backend=backend)
-        self._loss = torch.compile(loss_fn, fullgraph=True, backend=backend) if compile_loss else loss_fn
-        self._in_backward = False
-        self._grad_norms: dict[torch.Tensor, torch.Tensor] = {}
-        self._skipped_parameters = 0
-        self._hooks = [p.register_post_accumulate_grad_hook(self._update_parameter) for p in self.trainable]
-
-    def _update_parameter(self, param: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: measure the gradient, update the parameter, free the gradient.
-        Outside this step's backward (another backward on the same model) it leaves ``.grad`` alone."""
-        if not self._in_backward:
-            return
-        norm = torch.nn.utils.get_total_norm([param.grad])  # as TrainStep's clipping measures it
-        self._grad_norms[param] = norm
-        if self.skip_nonfinite and not bool(torch.isfinite(norm)):
-            self._skipped_parameters += 1
-            param.grad = None
-            return
-        self.optimizer.step_parameter(param)
-
-    def remove_hooks(self) -> None:
-        """Unregister the gradient hooks (the model trains normally again with another step)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
-    def forward_loss(
-        self, batch: Mapping[str, torch.Tensor], num_text: torch.Tensor, num_audio: torch.Tensor
-    ) -> LossOutput:
-        return self._loss(self.model(batch), batch, num_text, num_audio)
-
-    def __call__(self, micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        if len(micro_batches) != 1:
-            raise ValueError(
-                f"optimizer_in_backward updates the parameters inside each backward, so a step is one "
-                f"micro-batch (gradient_accumulation_steps: 1); got {len(micro_batches)} micro-batches"
-            )
-        if not self._hooks:
-            raise RuntimeError("this step's gradient hooks were removed (remove_hooks)")
-        self.model.train()
-        num_text, num_audio = global_target_counts(micro_batches, None)
-        output = self.forward_loss(micro_batches[0], num_text, num_audio)
-        self._grad_norms, self._skipped_parameters = {}, 0
-        if self.skip_nonfinite and not bool(torch.isfinite(output.loss)):
-            grad_norm = torch.tensor(float("nan"))
-            self._skipped_parameters = len(self.trainable)
-        else:
-            self._in_backward = True
-            try:
-                output.loss.backward()
-            finally:
-                self._in_backward = False
-            # The total norm as torch.nn.utils.get_total_norm: the norm of the per-parameter norms in
-            # parameter order. Parameters that got no gradient were not updated (as torch optimizers
-            # skip grad=None) and do not count.
-            norms = [self._grad_norms[p] for p in self.trainable if p in self._grad_norms]
-            grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
-        self.optimizer._opt_called = True  # for the LR scheduler's order check (optimizer.step is unused)
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        metrics = {"loss": output.loss.detach(), "grad_norm": grad_norm}
-        metrics.update((name, value) for name, value in output._asdict().items() if name != "loss")
-        if self.skip_nonfinite:
-            metrics["skipped_parameters"] = torch.tensor(float(self._skipped_parameters))
-            metrics["update_skipped"] = torch.tensor(float(self._skipped_parameters > 0))
-        metrics["num_tokens"] = micro_batches[0]["num_tokens"].sum()
-        return metrics

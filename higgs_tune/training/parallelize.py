@@ -1,9 +1,11 @@
-"""FSDP2 for runs launched by torchrun: per-block compile, then ``fully_shard`` per decoder layer and on
-the root, in torchtitan's order (activation checkpointing, then compile, then FSDP).
+"""The model transform, in torchtitan's order: (LoRA / freezing, done by the caller) -> activation
+checkpointing -> per-block compile -> FSDP2 (``fully_shard`` per decoder layer and on the root, for runs
+launched by torchrun). :func:`transform_model` is the only place the MODEL is compiled; the training step
+may compile its own forward + loss function (higgs_tune/training/step.py), which leaves the model, and
+so evaluation and generation, as this transform made it.
 
-The model code knows nothing of this: :func:`parallelize` takes a built (and, if asked, LoRA-wrapped,
-frozen, activation-checkpointed) :class:`~higgs_tune.models.higgs_audio.model.HiggsAudioModel` and
-returns it sharded in place.
+The model code knows nothing of this: the transform takes a built (and, if asked, LoRA-wrapped, frozen)
+:class:`~higgs_tune.models.higgs_audio.model.HiggsAudioModel` and changes it in place.
 
 Gradient reduction: FSDP2 reduce-scatters every micro-batch's gradients in backward. Our loss is already
 divided by the GLOBAL number of targets (all micro-batches, all ranks; see higgs_tune/loss), so the
@@ -31,6 +33,8 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
+
+from higgs_tune.training.activation_checkpointing import apply_activation_checkpointing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -66,7 +70,7 @@ class FSDPOptions:
         return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+def compile_decoder_blocks(model: nn.Module, backend: str = "inductor") -> int:
     """Compile each decoder layer's ``forward`` (``fullgraph=True``), leaving the module in place.
 
     The compiled function replaces the layer's ``forward`` attribute, so the module's hooks (FSDP's
@@ -79,27 +83,40 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     return len(layers)
 
 
+def transform_model(
+    model: nn.Module,
+    *,
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+    fsdp: FSDPOptions | None = None,
+) -> nn.Module:
+    """Apply, in this order, per-layer activation checkpointing, per-layer compile and FSDP2 sharding
+    (``fsdp``: None leaves the model unsharded); returns ``model``, changed in place."""
+    apply_activation_checkpointing(model, enabled=activation_checkpointing)
+    if compile_blocks:
+        compile_decoder_blocks(model)
+    if fsdp is not None:
+        parallelize(model, fsdp)
+    return model
+
+
 def parallelize(
     model: nn.Module,
     options: FSDPOptions,
     *,
-    compile: bool = False,
     mesh: torch.distributed.device_mesh.DeviceMesh | None = None,
 ) -> nn.Module:
     """Shard ``model`` with FSDP2 over ``mesh`` (None: the default process group, 1-D), in place.
 
     Args:
-        model: built on its device, with LoRA / freezing / activation checkpointing already applied.
+        model: built on its device, with LoRA / freezing / activation checkpointing / per-block compile
+            already applied (a whole-model ``fullgraph`` compile cannot trace FSDP's hooks).
         options: :class:`FSDPOptions`.
-        compile: compile each decoder layer before sharding (the step itself then runs eagerly
-            around the compiled layers; a whole-model ``fullgraph`` compile cannot trace FSDP's hooks).
         mesh: a 1-D device mesh (data-parallel shards).
 
     Returns:
         ``model``, now an ``FSDPModule``: its parameters are ``DTensor`` shards.
     """
-    if compile:
-        compile_blocks(model)
     policy = options.mixed_precision_policy()
     offload: OffloadPolicy = CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy()
     layers = _layers(model)

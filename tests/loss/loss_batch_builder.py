@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from higgs_tune.data.alignment_guard import AlignmentLayout
 from higgs_tune.data.batch import IGNORE_INDEX, positions_to_index
-from higgs_tune.loss.alignment_guard import AlignmentLayout
 
 NUM_CODEBOOKS = 8
 CODEBOOK_SIZE = 1024

@@ -17,8 +17,13 @@ from loss_batch_builder import (
     tts_document,
 )
 
+from higgs_tune.data.alignment_guard import (
+    AlignmentError,
+    AlignmentLayout,
+    check_batch_alignment,
+    warn_if_implausibly_low,
+)
 from higgs_tune.data.batch import IGNORE_INDEX
-from higgs_tune.loss import AlignmentError, AlignmentLayout, check_batch_alignment, warn_if_implausibly_low
 
 
 def good_batch(seed: int = 0):
@@ -260,7 +265,7 @@ def test_rejects_missing_fields_and_wrong_shapes():
 
 
 def test_warn_if_implausibly_low(caplog):
-    with caplog.at_level(logging.WARNING, logger="higgs_tune.loss.alignment_guard"):
+    with caplog.at_level(logging.WARNING, logger="higgs_tune.data.alignment_guard"):
         assert warn_if_implausibly_low(1e-3, step=0)
     assert "AUDIO LOSS LEAK?" in caplog.text and "ln(1026) = 6.93" in caplog.text
     caplog.clear()

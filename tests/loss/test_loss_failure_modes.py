@@ -25,8 +25,9 @@ from loss_batch_builder import (
     tts_document,
 )
 
+from higgs_tune.data.alignment_guard import AlignmentError, check_batch_alignment, warn_if_implausibly_low
 from higgs_tune.data.batch import IGNORE_INDEX
-from higgs_tune.loss import AlignedLoss, AlignmentError, check_batch_alignment, warn_if_implausibly_low
+from higgs_tune.loss import AlignedLoss
 
 K, C, V = NUM_CODEBOOKS, NUM_AUDIO_CLASSES, VOCAB_SIZE
 HIGH = 5.0  # nats; chance is ln(1024) = 6.93 for text and ln(1026) = 6.93 per codebook

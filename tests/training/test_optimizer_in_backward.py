@@ -1,4 +1,4 @@
-"""Optimizer-in-backward (step mode ``optimizer_in_backward``) against the eager step with one AdamW over
+"""Optimizer-in-backward (an ``OptimizerInBackward`` optimizer in the training step) against the eager step with one AdamW over
 all parameters, on real packed batches of the tiny model: 5 optimizer steps (one micro-batch each),
 warm-up + cosine LR, weight decay, no clipping.
 
@@ -27,12 +27,12 @@ from training_testing import make_manifest, real_batches, tiny_model
 
 from higgs_tune.loss import AlignedLoss
 from higgs_tune.training.optim import AdamWBF16Moments, build_optimizer
-from higgs_tune.training.optimizer_in_backward import OptimizerInBackward, OptimizerInBackwardTrainStep
-from higgs_tune.training.step import build_train_step
+from higgs_tune.training.optimizer_in_backward import OptimizerInBackward
+from higgs_tune.training.parallelize import compile_decoder_blocks
+from higgs_tune.training.step import TrainStep, build_train_step
 
 NUM_STEPS = 5
 LR = 1e-3
-EAGER = dict(compile_blocks=False, compile_loss=False)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,16 @@ def build(in_backward: bool, seed: int = 1, **optimizer_options):
     return model, optimizer, scheduler
 
 
-def train(in_backward: bool, batches, step_options=EAGER, **optimizer_options):
-    """Returns (losses [steps], grad norms [steps], model, optimizer, scheduler)."""
+def train(in_backward: bool, batches, compiled: bool = False, **optimizer_options):
+    """Returns (losses [steps], grad norms [steps], model, optimizer, scheduler). ``compiled``: the
+    decoder blocks compiled by the model transform, the loss by the step (the recipe's compile=true)."""
     model, optimizer, scheduler = build(in_backward, **optimizer_options)
-    mode, options = ("optimizer_in_backward", step_options) if in_backward else ("eager", {})
-    step = build_train_step(mode, model, AlignedLoss(), optimizer, scheduler, max_grad_norm=None, **options)
+    if compiled:
+        compile_decoder_blocks(model)
+    mode = "compile" if compiled else "eager"
+    step = build_train_step(
+        mode, model, AlignedLoss(), optimizer, scheduler, max_grad_norm=None, compile_model=False
+    )
     losses, norms = [], []
     for batch in batches:
         metrics = step([batch])
@@ -76,9 +81,7 @@ def assert_bitwise_same_parameters(reference, candidate):
 
 def continue_training(model, optimizer, scheduler, batches) -> None:
     """One eager in-backward step per batch, on a resumed model, optimizer and scheduler."""
-    step = build_train_step(
-        "optimizer_in_backward", model, AlignedLoss(), optimizer, scheduler, None, **EAGER
-    )
+    step = build_train_step("eager", model, AlignedLoss(), optimizer, scheduler, None)
     for batch in batches:
         step([batch])
 
@@ -109,7 +112,7 @@ def test_in_backward_bf16_moments_equal_one_bf16_optimizer_bitwise(batches):
 def test_in_backward_with_compiled_blocks_matches_eager_adamw(batches):
     torch._dynamo.reset()
     losses, norms, model, _, _ = train(False, batches)
-    ib_losses, ib_norms, ib_model, _, _ = train(True, batches, step_options={})  # blocks + loss compiled
+    ib_losses, ib_norms, ib_model, _, _ = train(True, batches, compiled=True)
     torch.testing.assert_close(ib_losses, losses, rtol=1e-5, atol=0)
     torch.testing.assert_close(ib_norms, norms, rtol=1e-4, atol=0)
     for (name, ref), param in zip(model.named_parameters(), ib_model.parameters()):
@@ -138,9 +141,7 @@ def test_state_dict_resumes_exactly_and_is_torch_adamws_format(batches):
     _, _, full_model, _, _ = train(True, batches)
     # Interrupted after 3: save model, optimizer, scheduler; restore into fresh objects (other init).
     model, optimizer, scheduler = build(True)
-    step = build_train_step(
-        "optimizer_in_backward", model, AlignedLoss(), optimizer, scheduler, None, **EAGER
-    )
+    step = build_train_step("eager", model, AlignedLoss(), optimizer, scheduler, None)
     for batch in batches[:3]:
         step([batch])
     buffer = io.BytesIO()
@@ -176,9 +177,7 @@ def test_distributed_checkpoint_state_dict_round_trip_resumes_exactly(batches):
     it initialises an empty optimizer by stepping it once with zero gradients and LR 0)."""
     _, _, full_model, _, _ = train(True, batches, moment_dtype="bf16")
     model, optimizer, scheduler = build(True, moment_dtype="bf16")
-    step = build_train_step(
-        "optimizer_in_backward", model, AlignedLoss(), optimizer, scheduler, None, **EAGER
-    )
+    step = build_train_step("eager", model, AlignedLoss(), optimizer, scheduler, None)
     for batch in batches[:3]:
         step([batch])
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -222,18 +221,15 @@ def test_a_torch_adamw_checkpoint_loads_into_the_in_backward_optimizer(batches):
         assert float(optimizer.state[ib_param]["step"]) == 3.0
 
 
-def test_refuses_accumulation_clipping_and_a_plain_optimizer(batches):
+def test_refuses_accumulation_clipping_data_parallelism_and_cuda_graphs(batches):
     model, optimizer, _ = build(True)
     with pytest.raises(ValueError, match="max_grad_norm"):
-        build_train_step("optimizer_in_backward", model, AlignedLoss(), optimizer, max_grad_norm=1.0, **EAGER)
+        build_train_step("eager", model, AlignedLoss(), optimizer, max_grad_norm=1.0)
     with pytest.raises(ValueError, match="data parallelism"):
-        OptimizerInBackwardTrainStep(model, AlignedLoss(), optimizer, process_group=object(), **EAGER)
-    with pytest.raises(TypeError, match="in_backward=True"):
-        plain = torch.optim.AdamW(model.parameters(), lr=LR)
-        build_train_step("optimizer_in_backward", model, AlignedLoss(), plain, max_grad_norm=None, **EAGER)
-    step = build_train_step(
-        "optimizer_in_backward", model, AlignedLoss(), optimizer, max_grad_norm=None, **EAGER
-    )
+        TrainStep(model, AlignedLoss(), optimizer, max_grad_norm=None, process_group=object())
+    with pytest.raises(ValueError, match="in backward"):
+        build_train_step("cudagraph", model, AlignedLoss(), optimizer, max_grad_norm=None)
+    step = build_train_step("eager", model, AlignedLoss(), optimizer, max_grad_norm=None)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="gradient_accumulation_steps: 1"):
         step(batches[:2])
@@ -242,16 +238,7 @@ def test_refuses_accumulation_clipping_and_a_plain_optimizer(batches):
 
 def test_a_non_finite_loss_updates_nothing(batches):
     model, optimizer, scheduler = build(True)
-    step = build_train_step(
-        "optimizer_in_backward",
-        model,
-        AlignedLoss(),
-        optimizer,
-        scheduler,
-        None,
-        skip_nonfinite=True,
-        **EAGER,
-    )
+    step = build_train_step("eager", model, AlignedLoss(), optimizer, scheduler, None, skip_nonfinite=True)
     step([batches[0]])
     before = [p.detach().clone() for p in model.parameters()]
     state_before = copy.deepcopy(optimizer.state_dict()["state"])
@@ -270,12 +257,12 @@ def test_a_non_finite_loss_updates_nothing(batches):
 
 def test_hooks_only_act_inside_the_step(batches):
     model, optimizer, _ = build(True)
-    step = build_train_step("optimizer_in_backward", model, AlignedLoss(), optimizer, None, None, **EAGER)
+    step = build_train_step("eager", model, AlignedLoss(), optimizer, None, None)
     before = [p.detach().clone() for p in model.parameters()]
     AlignedLoss()(model(batches[0]), batches[0]).loss.backward()  # a backward outside the step
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(p.grad is not None for p in model.parameters())
-    step.remove_hooks()
+    optimizer.remove_hooks()
     with pytest.raises(RuntimeError, match="remove_hooks"):
         step([batches[0]])
     assert isinstance(optimizer, OptimizerInBackward)

@@ -143,6 +143,40 @@ def set_trainable(model: nn.Module, mode: str) -> list[str]:
     return [_clean(name) for name, param in model.named_parameters() if param.requires_grad]
 
 
+TEXT_HEAD = "audio_decoder_proj.text_lm_head"
+
+
+def text_only_prefixes(model: nn.Module) -> list[str]:
+    """Parameter-name prefixes that only the text logits depend on: the text head; trailing fast-forward
+    layers (audio positions skip them and attend only to themselves); then, if the layer before is a
+    DualFFN layer, its text FFN and text post-attention norm (they act on text positions after the last
+    attention that audio positions read)."""
+    prefixes = [TEXT_HEAD]
+    for index in reversed(range(len(model.layers))):
+        kind = model.layers[index].kind
+        if kind == "fast_forward":
+            prefixes.append(f"layers.{index}.")
+            continue
+        if kind == "dual_ffn":
+            prefixes += [f"layers.{index}.mlp.", f"layers.{index}.post_attention_layernorm."]
+        break
+    return prefixes
+
+
+def freeze_text_only(model: nn.Module) -> list[str]:
+    """Freeze what only the text logits depend on (``loss.text_weight: 0``: nothing trains it, see
+    :func:`text_only_prefixes`): ``requires_grad=False`` (LoRA adapters included), so no optimizer holds
+    it, no gradient is allocated and weight decay cannot shrink it; the export keeps it unchanged.
+    Returns the names of the parameters that were trainable."""
+    prefixes = tuple(text_only_prefixes(model))
+    frozen = []
+    for name, param in model.named_parameters():
+        if _clean(name).startswith(prefixes) and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(_clean(name))
+    return frozen
+
+
 @torch.no_grad()
 def _merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """``W + scale * B @ A`` in fp32, cast back to ``W``'s dtype. W [out, in], A [r, in], B [out, r]."""

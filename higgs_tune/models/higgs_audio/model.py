@@ -42,12 +42,13 @@ AttentionMask = torch.Tensor | BlockMask
 class HiggsAudioOutput:
     """Logits of a forward pass, in the model dtype (the loss upcasts).
 
-    Training (:meth:`HiggsAudioModel.forward`): ``text_logits`` [B, C_tt, V] at ``text_target_index``,
-    ``audio_logits`` [B, C_at, K, C] at ``audio_target_index`` (sink entries give logits of a zero row).
+    Training (:meth:`HiggsAudioModel.forward`): ``text_logits`` [B, C_tt, V] at ``text_target_index``
+    (None when not asked for), ``audio_logits`` [B, C_at, K, C] at ``audio_target_index`` (sink entries
+    give logits of a zero row).
     Evaluation (:meth:`HiggsAudioModel.forward_full`): [B, L, V] and [B, L, K, C] at every position.
     """
 
-    text_logits: torch.Tensor
+    text_logits: torch.Tensor | None
     audio_logits: torch.Tensor
 
 
@@ -482,17 +483,24 @@ class HiggsAudioModel(nn.Module):
         return logits.unflatten(-1, (self.args.num_codebooks, self.args.codebook_vocab_size))
 
     # ----------------------------------------------------------------------------- entries
-    def forward(self, batch: Any) -> HiggsAudioOutput:
+    def forward(self, batch: Any, text_logits: bool = True) -> HiggsAudioOutput:
         """Training forward: logits only where targets can exist.
 
+        Args:
+            text_logits: compute the text head (False: ``text_logits`` is None, for a loss without a
+                text term: the [C_tt, V] matmul and its backward are not run).
+
         Returns:
-            text_logits [B, C_tt, V] at ``text_target_index``; audio_logits [B, C_at, K, C] at
+            text_logits [B, C_tt, V] at ``text_target_index`` (or None); audio_logits [B, C_at, K, C] at
             ``audio_target_index`` (model dtype).
         """
         hidden = append_sink(self.hidden_states(batch))  # [B, L+1, H]
-        text_hidden = gather_positions(hidden, _batch_field(batch, "text_target_index"))  # [B, C_tt, H]
         audio_hidden = gather_positions(hidden, _batch_field(batch, "audio_target_index"))  # [B, C_at, H]
-        return HiggsAudioOutput(self.text_head(text_hidden), self.audio_head(audio_hidden))
+        text = None
+        if text_logits:
+            text_hidden = gather_positions(hidden, _batch_field(batch, "text_target_index"))  # [B, C_tt, H]
+            text = self.text_head(text_hidden)
+        return HiggsAudioOutput(text, self.audio_head(audio_hidden))
 
     def forward_full(self, batch: Any) -> HiggsAudioOutput:
         """Evaluation/generation forward: text logits [B, L, V] and audio logits [B, L, K, C] at every

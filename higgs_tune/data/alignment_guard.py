@@ -2,11 +2,11 @@
 
 The recipe calls :func:`check_batch_alignment` on the FIRST batch of a run (it runs on the CPU, outside
 the compiled step) and :func:`warn_if_implausibly_low` on the first logged audio losses. Together they
-catch the failure modes of design.md §10 that a loss curve alone hides: no shift, double shift, audio
+catch the failure modes of docs/architecture.md ("Failure modes the tests catch") that a loss curve alone hides: no shift, double shift, audio
 inputs used as labels, text labels that do not match the merged sequence, the delay pattern missing from
 the training layout, the stop token never trained, and a leak that makes the audio loss near zero.
 
-What holds in a correct batch (design.md §2.1, spec §5.4-§6.3), checked here:
+What holds in a correct batch (docs/architecture.md, "Data flow and the one shift"; Boson's layout in higgs_tune/data/document.py), checked here:
 
 * Shapes and dtypes are those of ``higgs_tune/data/batch.py``. The first ``num_tokens[b]`` positions of
   a row are real, the rest is padding (no audio, no targets, one document id of its own =
