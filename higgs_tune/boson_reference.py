@@ -6,7 +6,7 @@ so importing this module costs nothing without them.
 
 One manifest sample goes through exactly what Boson's training code runs: ``prepare_chatml_sample``
 (token layout and labels) -> ``ChatMLDatasetSample`` with the raw codes -> ``HiggsAudioSampleCollator``
-with the 3B training settings of spec §5.3 (BOS/EOS + delay pattern on inputs, -100 fillers on labels,
+with the 3B training settings of docs/higgs_audio_v2.md §5.3 (BOS/EOS + delay pattern on inputs, -100 fillers on labels,
 right padding to a multiple of 8, audio-in fed as codes).
 """
 
@@ -33,7 +33,7 @@ def boson_tokenizer(tokenizer_json: str | Path) -> Any:
 def boson_training_collator(
     *, audio_in_token_id: int, audio_out_token_id: int, pad_token_id: int, layout: AudioLayout
 ) -> Any:
-    """``HiggsAudioSampleCollator`` with the settings of Boson's 3B training (spec §5.3); ids from the
+    """``HiggsAudioSampleCollator`` with the settings of Boson's 3B training (docs/higgs_audio_v2.md §5.3); ids from the
     tokenizer or the model config, never literals."""
     from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
 

@@ -1,4 +1,4 @@
-"""The ``tune`` command of higgs_tune (design.md §8).
+"""The ``tune`` command of higgs_tune (README "The tune command").
 
 torchtune's own ``tune run <path>`` imports a custom recipe as the module ``recipes.<name>`` after
 appending the working directory to ``sys.path``; the torchtune wheel installs a top-level package

@@ -3,7 +3,7 @@
 torchtune gives the YAML + override semantics (``a.b=v``, ``~key``, ``node=dotted.Component``) and
 ``config.instantiate``; this module adds what it lacks: one function that loads a config with overrides
 outside a recipe (for ``tune validate`` and the launcher's pre-flight check), a recursive component check
-(torchtune's ``validate`` only looks at top-level nodes), and the contract keys of design.md §6.
+(torchtune's ``validate`` only looks at top-level nodes), and the contract keys of README "Configs".
 
 Every problem is reported as :class:`ConfigError` with a one-line message, so the command line can
 print it without a traceback.
@@ -25,7 +25,7 @@ class ConfigError(ValueError):
     """A config that cannot be loaded, merged or instantiated; the message is one line."""
 
 
-# design.md §6: keys users and tooling rely on. Value: accepted Python types after resolution.
+# README "Configs": keys users and tooling rely on. Value: accepted Python types after resolution.
 _INT = (int,)
 _NUM = (int, float)
 _STR = (str,)
@@ -102,7 +102,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def validate_config(cfg: DictConfig, *, contract: bool = True) -> None:
     """Check that every ``_component_`` node (at any depth) imports and accepts its keyword arguments,
     that primitive values match the annotated parameter types, and (``contract=True``) that the
-    contract keys of design.md §6 are present with the right types.
+    contract keys of README "Configs" are present with the right types.
 
     Components are not instantiated: nothing heavy runs. Arguments the recipe passes positionally
     (e.g. the model's parameters to the optimizer) may be missing from the YAML.

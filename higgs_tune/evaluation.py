@@ -1,6 +1,6 @@
 """Evaluation: loss components and teacher-forced accuracies of a model over a whole data set.
 
-The definitions are the training ones (spec §6.4, :class:`higgs_tune.loss.AlignedLoss`) with GLOBAL
+The definitions are the training ones (docs/higgs_audio_v2.md §6.4, :class:`higgs_tune.loss.AlignedLoss`) with GLOBAL
 denominators: every number is a token mean over the whole data set, not a mean of per-batch means::
 
     text_loss          = sum over all text targets of CE / n_text

@@ -6,7 +6,7 @@
 ``DIR`` is an HF-layout checkpoint (``config.json`` + safetensors, e.g. a run's ``<output_dir>/hf``). The
 manifest is scanned and packed exactly as training packs it (``build_higgs_dataset``); every document is
 evaluated once (no shuffling, the last batch padded, a document longer than ``--seq-len`` is an error,
-not a silent drop). The numbers are the training definitions (spec §6.4) as token means over the WHOLE
+not a silent drop). The numbers are the training definitions (docs/higgs_audio_v2.md §6.4) as token means over the WHOLE
 manifest (:func:`higgs_tune.evaluation.evaluate`).
 
 Progress goes to stderr; the last line of stdout is ONE JSON object: ``loss``, ``text_loss``,

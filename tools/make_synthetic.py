@@ -3,7 +3,7 @@
     python tools/make_synthetic.py --out DIR [--num-samples N] [--num-val N] [--seed S]
 
 Writes ``DIR/train.jsonl``, ``DIR/val.jsonl`` (held-out sentences: no validation sentence occurs in
-the training set) and ``DIR/codes/*.npy`` (int16 arrays [8, T]), in the manifest format of design.md §7.
+the training set) and ``DIR/codes/*.npy`` (int16 arrays [8, T]), in the manifest format of README "Your data".
 
 The audio is a deterministic function of the text and the speaker, so a model has to read the text to
 "speak" it and has to look at the reference audio to clone a voice:

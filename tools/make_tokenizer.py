@@ -1,7 +1,7 @@
 """Build the tiny test tokenizer: a byte-level BPE shaped like Llama-3's, with Higgs Audio's special tokens.
 
 The real Higgs Audio v2 tokenizer is Llama-3's (128000 BPE ids followed by 256 special tokens, some of the
-reserved slots renamed for audio, spec §1.2). Tests and the CPU config need a tokenizer with the same
+reserved slots renamed for audio, docs/higgs_audio_v2.md §1.2). Tests and the CPU config need a tokenizer with the same
 structure but a vocabulary small enough for a tiny model, so this tool trains one reproducibly:
 
 - byte-level BPE with Llama-3's pre-tokenizer regex, trained to exactly ``--bpe-vocab-size`` (768) ids on

@@ -3,7 +3,7 @@
 Every tensor has a shape fixed by the config (``batch_size`` B, ``seq_len`` L, ``num_codebooks`` K and
 the per-row capacities of :class:`PackingSpec`), so a training step over it can be compiled with
 ``fullgraph=True`` and replayed as a CUDA graph. Audio is already merged into the sequence: one
-position per audio column (design.md §2.2, §3).
+position per audio column (docs/architecture.md §3, §4).
 
 Fields (all produced by the collator on the CPU)::
 
@@ -32,7 +32,7 @@ value L (one past the last position). Consumers append one scratch row at positi
 (``torch.cat([x, zeros[:, :1]], 1)``) and drop it after scattering, so filler entries never touch a
 real position; targets gathered at the sink are -100 by construction (:func:`gather_at`).
 
-The targets are built ONCE, per document, by the packer (design.md §2.1). Nothing downstream shifts:
+The targets are built ONCE, per document, by the packer (docs/architecture.md §2). Nothing downstream shifts:
 the model returns logits for the gathered positions and the loss compares them with the targets
 gathered at the same indices.
 """

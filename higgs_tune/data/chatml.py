@@ -1,6 +1,6 @@
 """ChatML samples: parse and validate one sample, then lay it out as tokens and labels exactly like Boson.
 
-A sample is Boson's ChatML dict (design.md §7, spec §5.1)::
+A sample is Boson's ChatML dict (README "Your data"; docs/higgs_audio_v2.md §5.1)::
 
     {"messages": [{"role": "system" | "user" | "assistant",
                    "content": str | {"type": "text", "text": ...}
@@ -10,7 +10,7 @@ A sample is Boson's ChatML dict (design.md §7, spec §5.1)::
      "start_index": optional int, "speaker": optional str, "misc": optional dict}
 
 :func:`tokenize_sample` reproduces ``boson_multimodal.dataset.chatml_dataset.prepare_chatml_sample``
-token for token and label for label (spec §5.2): each piece is encoded separately, assistant text, audio
+token for token and label for label (docs/higgs_audio_v2.md §5.2): each piece is encoded separately, assistant text, audio
 placeholders and end-of-turn tokens of turns ``>= start_index`` are labelled, everything else is -100.
 The audio placeholders stay single tokens here; :mod:`higgs_tune.data.document` expands them.
 """
@@ -96,7 +96,7 @@ class AudioRef:
 
 @dataclass(frozen=True)
 class TokenizedSample:
-    """Boson's per-sample layout before the audio merge (spec §5.2).
+    """Boson's per-sample layout before the audio merge (docs/higgs_audio_v2.md §5.2).
 
     Attributes:
         input_ids: [S] int64, one ``<|AUDIO|>`` / ``<|AUDIO_OUT|>`` placeholder per audio item.
@@ -196,7 +196,7 @@ def parse_sample(raw: object) -> ChatSample:
 
 
 def tokenize_sample(sample: ChatSample | Mapping, tokenizer: HiggsTokenizer) -> TokenizedSample:
-    """Tokens and unshifted labels of one sample, exactly as Boson's ``prepare_chatml_sample`` (spec §5.2).
+    """Tokens and unshifted labels of one sample, exactly as Boson's ``prepare_chatml_sample`` (docs/higgs_audio_v2.md §5.2).
 
     Per turn t: the header prefix (``<|begin_of_text|>`` on turn 0) unlabelled; ``{recipient}<|recipient|>``
     labelled (even before start_index, as upstream); each content item encoded on its own, text labelled

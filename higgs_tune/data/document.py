@@ -1,12 +1,12 @@
 """One training document: a tokenized sample with its audio merged in and its targets built (the single shift).
 
-Every audio item becomes a segment of columns, one sequence position per column (spec §3.3, §5.3, §5.4).
+Every audio item becomes a segment of columns, one sequence position per column (docs/higgs_audio_v2.md §3.3, §5.3, §5.4).
 For raw codes X [K, T] and the delay pattern on, a segment has T + K + 1 columns::
 
     input codes  = delay([BOS | X | EOS])   delay filler BOS, tail filler EOS
     label codes  = delay([-100 | X | EOS])  both fillers -100
 
-The targets are built here, once, per document (design.md §2.1):
+The targets are built here, once, per document (docs/architecture.md §2):
 
 - ``text_targets[t]`` = merged text label of position t + 1 (-100 at the last position). Merged text labels
   are Boson's ``expanded_labels``: the sample's labels at text positions, -100 at every audio column (so the
@@ -253,7 +253,7 @@ def document_stats(tokenized: TokenizedSample, num_frames: Sequence[int], layout
 def build_document(
     tokenized: TokenizedSample, codes: Sequence[np.ndarray | torch.Tensor], layout: AudioLayout
 ) -> Document:
-    """Merge the audio segments into the token sequence and build the targets (spec §3.3, §5.3, design §2.1).
+    """Merge the audio segments into the token sequence and build the targets (docs/higgs_audio_v2.md §3.3, §5.3, docs/architecture.md §2).
 
     Args:
         tokenized: from :func:`higgs_tune.data.chatml.tokenize_sample`.

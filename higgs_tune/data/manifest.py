@@ -1,4 +1,4 @@
-"""Read a JSONL manifest (design.md §7) and scan it before training.
+"""Read a JSONL manifest (README "Your data") and scan it before training.
 
 A manifest has one Boson ChatML sample per line (:mod:`higgs_tune.data.chatml`); each audio item names its
 pre-computed codes (``"audio_codes": "codes/0001.npy"``, an integer array [K, T] with values

@@ -2,7 +2,7 @@
 
 No special-token id is hard-coded anywhere in higgs_tune: ids come from the tokenizer by name
 (:class:`SpecialTokens`) and are checked against the model's ``config.json``
-(:meth:`HiggsTokenizer.check_against_model_config`), design.md §7.
+(:meth:`HiggsTokenizer.check_against_model_config`), README "Your data".
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from higgs_tune.errors import InvalidInputError, MissingInputError
 
-# Token names of the fields of SpecialTokens (spec §1.2).
+# Token names of the fields of SpecialTokens (docs/higgs_audio_v2.md §1.2).
 SPECIAL_TOKEN_NAMES = {
     "begin_of_text": "<|begin_of_text|>",
     "end_of_text": "<|end_of_text|>",
@@ -33,7 +33,7 @@ SPECIAL_TOKEN_NAMES = {
 }
 
 # Values a Higgs Audio ``config.json`` implies when it omits a key: transformers' ``save_pretrained`` drops
-# keys equal to the class defaults, so these are HiggsAudioConfig's constructor defaults (spec §1.1).
+# keys equal to the class defaults, so these are HiggsAudioConfig's constructor defaults (docs/higgs_audio_v2.md §1.1).
 HIGGS_AUDIO_TOKEN_ID_DEFAULTS = {
     "audio_in_token_idx": 128015,
     "audio_out_token_idx": 128016,
@@ -54,7 +54,7 @@ _CONFIG_KEY_TO_SPECIAL = {
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    """Ids of the special tokens the data layout uses, looked up by name (spec §1.2).
+    """Ids of the special tokens the data layout uses, looked up by name (docs/higgs_audio_v2.md §1.2).
 
     ``pad`` is ``<|end_of_text|>``, the model's ``pad_token_id`` (Llama-3 has no pad token).
     """

@@ -33,7 +33,7 @@ def user_project(tmp_path: Path) -> Path:
     """A folder laid out like this repository: ./recipes/echo.py and ./configs/echo.yaml.
 
     A local `recipes/` folder is exactly what torchtune's own `tune run` cannot import single-process
-    (its wheel ships a top-level `recipes` package that shadows it, design.md §8).
+    (its wheel ships a top-level `recipes` package that shadows it).
     """
     (tmp_path / "recipes").mkdir()
     (tmp_path / "configs").mkdir()

@@ -1,4 +1,4 @@
-"""Teacher-forcing alignment properties of documents and packed rows (design.md §2.1, §10; spec §5.4, §6)."""
+"""Teacher-forcing alignment properties of documents and packed rows (docs/architecture.md §2, §11; docs/higgs_audio_v2.md §5.4, §6)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def check_row_alignment(row: dict[str, torch.Tensor]) -> None:
                 assert int(seg_targets[k, t]) == expected, f"codebook {k} column {t}"
             assert int((seg_targets[k] == EOS).sum()) == 1, "EOS must be a target exactly once per codebook"
             assert int((seg_targets[k] != IGNORE_INDEX).sum()) == num_frames + 1
-        # text stream around a trained segment (spec §5.5)
+        # text stream around a trained segment (docs/higgs_audio_v2.md §5.5)
         assert (text_targets[start : end - 1] == IGNORE_INDEX).all()
         assert text_targets[end - 1] == SPECIAL.audio_eos, "last audio column must predict <|audio_eos|>"
         assert tokens[start - 1] == SPECIAL.audio_out_bos
@@ -176,7 +176,7 @@ def test_spec_worked_delay_example():
     }
     doc = build_document(tokenize_sample(sample, TOKENIZER), [a], layout)
     ((start, end),) = segments(doc.audio_out_mask)
-    # teacher forcing of spec §5.4: column t is paired with label column t + 1; the last column with nothing
+    # teacher forcing of docs/higgs_audio_v2.md §5.4: column t is paired with label column t + 1; the last column with nothing
     assert torch.equal(
         doc.audio_targets[:, start:end], torch.cat([expected_label[:, 1:], torch.full((4, 1), _)], 1)
     )

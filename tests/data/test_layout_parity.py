@@ -1,4 +1,4 @@
-"""Parity with Boson's reference data path (spec §5.2, §5.3, §3.3, §6).
+"""Parity with Boson's reference data path (docs/higgs_audio_v2.md §5.2, §5.3, §3.3, §6).
 
 For random samples, our per-document layout (tokens, audio codes, masks) and our targets must equal what
 ``prepare_chatml_sample`` + ``HiggsAudioSampleCollator`` + ``merge_input_ids_with_audio_features``
@@ -43,7 +43,7 @@ def boson_dataset_sample(sample: dict, codes: list[np.ndarray], num_codebooks: i
 
 
 def boson_collator(layout: AudioLayout):
-    """The collator with the 3B training settings of spec §5.3 (ids from the tokenizer, by name)."""
+    """The collator with the 3B training settings of docs/higgs_audio_v2.md §5.3 (ids from the tokenizer, by name)."""
     return reference.boson_training_collator(
         audio_in_token_id=SPECIAL.audio_in,
         audio_out_token_id=SPECIAL.audio_out,
@@ -103,7 +103,7 @@ def boson_merge(batch, num_codebooks: int):
 
 def boson_shifted_audio_targets(batch, merged) -> torch.Tensor:
     """[B, K, S'] audio targets as Boson's loss pairs them: column n with label column n + 1, segment
-    starts masked (spec §6.3), scattered to the merged positions of the audio-out columns."""
+    starts masked (docs/higgs_audio_v2.md §6.3), scattered to the merged positions of the audio-out columns."""
     out_mask = merged["audio_out_mask"]
     batch_size, seq_len = out_mask.shape
     num_codebooks = merged["audio_codes"].shape[1]

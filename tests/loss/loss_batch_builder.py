@@ -1,9 +1,9 @@
 """Small, obviously-correct builder of packed batches for the loss tests.
 
-It lays out documents position by position the way Boson's merge does (spec §3.3, §5.2-§5.5): one
+It lays out documents position by position the way Boson's merge does (docs/higgs_audio_v2.md §3.3, §5.2-§5.5): one
 position per text token and per audio column, the UNSHIFTED label of every position (Boson's
-``expanded_labels`` / ``label_audio_ids``), then derives the targets by the single shift of design.md
-§2.1: target[t] = label[t+1] within the same document (audio: within the same audio-out segment).
+``expanded_labels`` / ``label_audio_ids``), then derives the targets by the single shift of
+docs/architecture.md §2: target[t] = label[t+1] within the same document (audio: within the same audio-out segment).
 
 Special ids follow the project's tiny tokenizer layout (common brief); they live here, in the tests.
 """
@@ -79,7 +79,7 @@ class Document:
         return self.special("<|end_header_id|>", trained=False).text([13], trained=False)  # "\n\n"
 
     def audio_out_segment(self, raw_codes: torch.Tensor, trained: bool, delay: bool = True) -> Document:
-        """``<|audio_out_bos|>`` + T+K+1 audio-out columns + ``<|audio_eos|>`` (spec §5.4, §5.5).
+        """``<|audio_out_bos|>`` + T+K+1 audio-out columns + ``<|audio_eos|>`` (docs/higgs_audio_v2.md §5.4, §5.5).
 
         ``delay=False`` builds the (wrong) layout without the delay pattern: T+2 aligned columns.
         """

@@ -1,4 +1,4 @@
-"""Our loss equals Boson's reference formula on Boson's own model outputs (issue 5, spec §6.4).
+"""Our loss equals Boson's reference formula on Boson's own model outputs (issue 5, docs/higgs_audio_v2.md §6.4).
 
 Reference side: random samples -> ``prepare_chatml_sample`` -> ``HiggsAudioSampleCollator`` -> Boson's
 ``HiggsAudioModel`` (random weights) -> ``logits``, ``expanded_labels``, ``audio_logits`` with the

@@ -1,4 +1,4 @@
-"""One test per known failure mode of design.md §10, named after it.
+"""One test per known failure mode of docs/architecture.md §11, named after it.
 
 Models are stand-ins with known answers: the ORACLE puts (almost) all mass on the TRUE next token of a
 correct batch (built by the single shift), the COPY model on its own input token / code.

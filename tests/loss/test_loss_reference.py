@@ -1,4 +1,4 @@
-"""Boson's reference formula (spec §6.4): a hand-computed example, and agreement with AlignedLoss."""
+"""Boson's reference formula (docs/higgs_audio_v2.md §6.4): a hand-computed example, and agreement with AlignedLoss."""
 
 import math
 

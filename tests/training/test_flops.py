@@ -1,4 +1,4 @@
-"""PaLM model FLOPs of the released 3B architecture, from the parameter shapes of spec §2."""
+"""PaLM model FLOPs of the released 3B architecture, from the parameter shapes of docs/higgs_audio_v2.md §2."""
 
 import torch
 
@@ -8,7 +8,10 @@ from higgs_tune.training.flops import matmul_params_per_token, mfu, training_flo
 
 def test_3b_matmul_parameters_count_one_ffn_per_token():
     args = HiggsAudioModelArgs()  # the released 3B architecture
-    per_layer_attention, per_layer_ffn = 25_165_824, 75_497_472  # spec §2 (q,k,v,o and gate,up,down)
+    per_layer_attention, per_layer_ffn = (
+        25_165_824,
+        75_497_472,
+    )  # docs/higgs_audio_v2.md §2 (q,k,v,o and gate,up,down)
     text_head, audio_head = 394_002_432, 25_214_976
     expected = 28 * (per_layer_attention + per_layer_ffn) + text_head + audio_head
     assert matmul_params_per_token(args) == expected

@@ -1,6 +1,6 @@
 """Model builders (YAML components: ``_component_: higgs_tune.models.higgs_audio.higgs_audio_tiny``).
 
-``higgs_audio_3b`` is the released architecture (spec §1.1); ``higgs_audio_tiny`` a small model with the
+``higgs_audio_3b`` is the released architecture (docs/higgs_audio_v2.md §1.1); ``higgs_audio_tiny`` a small model with the
 project's tiny tokenizer ids for tests and demos; ``from_checkpoint_dir`` builds from a Boson checkpoint
 directory (its ``config.json`` defines the architecture) and loads its weights.
 """

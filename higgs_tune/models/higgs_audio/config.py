@@ -1,6 +1,6 @@
 """Architecture arguments of Higgs Audio v2 and their mapping to Boson's ``config.json``.
 
-:class:`HiggsAudioModelArgs` holds everything the model math needs (spec §1.1). It is read from and
+:class:`HiggsAudioModelArgs` holds everything the model math needs (docs/higgs_audio_v2.md §1.1). It is read from and
 written to the ``config.json`` of Boson's released checkpoints (``model_type: higgs_audio`` with a nested
 Llama ``text_config``), so an exported directory loads with ``HiggsAudioModel.from_pretrained``.
 
@@ -44,7 +44,7 @@ class UnsupportedConfigError(ValueError):
 
 @dataclass
 class HiggsAudioModelArgs:
-    """Sizes and token ids of a Higgs Audio v2 model (spec §1.1; defaults = the released 3B).
+    """Sizes and token ids of a Higgs Audio v2 model (docs/higgs_audio_v2.md §1.1; defaults = the released 3B).
 
     Text backbone (Llama-3 style): ``hidden_size`` H, ``num_layers``, ``num_heads`` / ``num_kv_heads``
     (GQA), ``head_dim``, ``intermediate_size`` of both the text and the audio SwiGLU FFN, ``vocab_size`` V,

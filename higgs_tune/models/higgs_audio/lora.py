@@ -33,7 +33,7 @@ from higgs_tune.models.safetensors_writer import LazyTensor
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp", "audio_mlp", "text_lm_head", "audio_lm_head")
 FINETUNE_MODES = ("full", "lora", "audio_adapter")
-# Parameter-name pieces of the audio adapter (spec §2): trained in "audio_adapter" mode.
+# Parameter-name pieces of the audio adapter (docs/higgs_audio_v2.md §2): trained in "audio_adapter" mode.
 AUDIO_ADAPTER_PARTS = (
     "audio_mlp.",
     "audio_input_layernorm.",

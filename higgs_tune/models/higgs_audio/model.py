@@ -1,9 +1,9 @@
-"""Higgs Audio v2: the model math, in plain PyTorch (spec §2-§3).
+"""Higgs Audio v2: the model math, in plain PyTorch (docs/higgs_audio_v2.md §2-§3).
 
 Llama-3 backbone whose decoder layers have a second ("audio") pair of RMSNorms and SwiGLU FFN for
 audio positions (DualFFN), one shared attention, summed codebook embeddings and two untied heads.
 Nothing here knows about compile, FSDP, activation checkpointing or LoRA: those are applied from
-outside. Module and parameter names equal Boson's ``HiggsAudioModel`` state dict (spec §2), so the HF
+outside. Module and parameter names equal Boson's ``HiggsAudioModel`` state dict (docs/higgs_audio_v2.md §2), so the HF
 checkpoint adapter is the identity on key names.
 
 Shapes: B batch rows, L positions per row, H hidden, V text vocabulary, K codebooks,
@@ -56,7 +56,7 @@ class HiggsAudioOutput:
 def rope_inverse_frequencies(
     head_dim: int, theta: float, rope_scaling: dict[str, Any] | None
 ) -> torch.Tensor:
-    """Llama-3 RoPE inverse frequencies, as transformers computes them (spec §3.6).
+    """Llama-3 RoPE inverse frequencies, as transformers computes them (docs/higgs_audio_v2.md §3.6).
 
     Returns:
         [D / 2] float32.
@@ -211,7 +211,7 @@ LAYER_KINDS = ("dual_ffn", "fast_forward", "text_only")
 
 
 class DecoderLayer(nn.Module):
-    """One decoder layer of Higgs Audio (spec §3.4). ``kind``:
+    """One decoder layer of Higgs Audio (docs/higgs_audio_v2.md §3.4). ``kind``:
 
     - ``"dual_ffn"`` (HiggsAudioDualFFNDecoderLayer): audio positions (audio-in and audio-out columns)
       use ``audio_input_layernorm`` / ``audio_post_attention_layernorm`` / ``audio_mlp``, text positions
@@ -396,7 +396,7 @@ class HiggsAudioModel(nn.Module):
         self, tokens: torch.Tensor, audio_codes: torch.Tensor, audio_mask: torch.Tensor
     ) -> torch.Tensor:
         """Text embedding at text positions, sum (or mean) of the K offset codebook embeddings at audio
-        positions (spec §3.1-3.2; offset stride C = codebook_size + 2).
+        positions (docs/higgs_audio_v2.md §3.1-3.2; offset stride C = codebook_size + 2).
 
         Args:
             tokens: [B, L]; audio_codes: [B, K, L] in 0..C-1; audio_mask: [B, L] bool.
