@@ -70,13 +70,14 @@ from higgs_tune.models.higgs_audio.qlora import (
 )
 from higgs_tune.models.higgs_audio.transformers_layout import DEFAULT_AUDIO_TOKENIZER
 from higgs_tune.training.checkpointing import (
-    TRAINING_STATE_FILE,
     fingerprint_frozen_base,
     latest_checkpoint,
     load_checkpoint,
+    read_training_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    verify_checkpoint,
 )
 from higgs_tune.training.distributed import cleanup_distributed, init_distributed, resolve_device
 from higgs_tune.training.flops import mfu
@@ -217,8 +218,8 @@ class HiggsFinetuneRecipe:
         path = latest_checkpoint(self.output_dir / "checkpoints")
         if path is None:
             return None
-        state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
-        return state.get("packing_capacities")
+        verify_checkpoint(path)
+        return read_training_state(path).get("packing_capacities")
 
     def _record_capacities(self) -> None:
         """Check that every rank packed with the same capacities, put them into the resolved config.yaml

@@ -238,12 +238,7 @@ def load_checkpoint(
     trainable_only = "frozen_base" in meta
     if trainable_only:
         _check_frozen_base(path, meta["frozen_base"], frozen_base)
-    try:
-        training_state = torch.load(path / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot read {path / TRAINING_STATE_FILE} (truncated or corrupt?): {exc}"
-        ) from exc
+    training_state = read_training_state(path)
     model_state, optimizer_state = get_state_dict(
         model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only)
     )
@@ -270,6 +265,16 @@ def load_checkpoint(
         world_size=int(meta["world_size"]),
         training_state=training_state,
     )
+
+
+def read_training_state(path: str | Path) -> dict[str, Any]:
+    """The recipe state saved in ``path``'s ``training_state.pt``; a truncated or corrupt file is a
+    :class:`CheckpointError` naming it."""
+    file = Path(path) / TRAINING_STATE_FILE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {file} (truncated or corrupt?): {exc}") from exc
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:

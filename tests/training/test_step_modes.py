@@ -115,10 +115,15 @@ def test_compile_matches_eager_without_graph_breaks_or_recompiles(batches):
     # new LR every step), and no graph break anywhere.
     assert frames_after[0] > 0
     assert frames_after == [frames_after[0]] * NUM_STEPS, f"recompiled: frames after each step {frames_after}"
-    # The only graph breaks are the two torch's Optimizer.step inserts on purpose around the update
-    # (torch/optim/optimizer.py, pytorch#104053); forward+loss is compiled with fullgraph=True.
+    # The only graph breaks: the two torch's Optimizer.step inserts on purpose around the update
+    # (torch/optim/optimizer.py, pytorch#104053), and the LR scheduler's step-counting wrapper around
+    # optimizer.step (torch/optim/lr_scheduler.py, a file dynamo never traces): it runs eagerly and calls
+    # the optimizer's own step, which is compiled as a frame of its own. Forward+loss is one fullgraph.
     breaks = dict(counters["graph_break"])
-    assert all("torch._dynamo.graph_break()" in reason for reason in breaks), f"graph breaks: {breaks}"
+    for reason in breaks:
+        scheduler_wrapper = "marked as skipped" in reason and "lr_scheduler.py" in reason
+        assert "torch._dynamo.graph_break()" in reason or scheduler_wrapper, f"graph breaks: {breaks}"
+    assert frames_after[0] >= 2, f"the optimizer step was not compiled: {frames_after[0]} frame(s)"
 
 
 def run_steps_counting(mode, batches, loss_fn, backend, frames_after):
