@@ -190,8 +190,8 @@ def plan_balanced_rows(
     num_rows = -(-int(total[0]) // spec.seq_len)
     for attempt in itertools.count():
         rows = _worst_fit(order, needs_list, limits_list, scale, num_rows)
-        if len(rows) == num_rows:
-            return [sorted(row) for row in rows], dropped
+        if len(rows) == num_rows:  # a round that started with more rows than it needed leaves some empty
+            return [sorted(row) for row in rows if row], dropped
         # the rows it used, and from the second round on as many more as it had to open per round so far
         num_rows = len(rows) + attempt * (len(rows) - num_rows)
 
